@@ -1,0 +1,282 @@
+"""The Python API the CLI mirrors: compress, evaluate, load, inspect."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears
+from calq.calibration.data import calibration_windows, evaluation_windows, load_text
+from calq.calibration.engine import run_blocks, stage_targets
+from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
+from calq.eval.perplexity import perplexity
+from calq.eval.report import EvalResult, ModuleRecord, Report, peak_rss_bytes, versions, write_report
+from calq.methods import METHODS
+from calq.methods.quantizer import QuantArgs, check_divides
+from calq.recipe.load import dump_recipe, load_recipe, merge_overrides
+from calq.recipe.schema import Recipe, validate_recipe
+from calq.zoo import resolve_model
+
+Progress = Callable[[dict], None]
+PROTOCOL = ("GPTQ protocol: text joined once, tokenized once, non-overlapping windows (tail dropped), "
+            "fp32 loss, ppl = exp(mean window loss)")
+
+
+def _quiet_transformers() -> None:
+    # calq draws its own progress; transformers' per-load bars and notices would interleave with it.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CalqError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CalqError(f"device {device} requested but CUDA is not available", "use --device cpu")
+    return dev
+
+
+def _is_calq_checkpoint(path: Path) -> bool:
+    import json
+
+    cfg = path / "config.json"
+    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, original dtype) for a zoo name, local directory or hub id; model on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    path = resolve_model(ref)
+    local = Path(path)
+    if (ref.startswith((".", "/", "~")) or os.sep in ref and not _looks_like_hub_id(ref)) and not local.exists():
+        raise ModelError(f"model not found: {ref}", "give a local model directory, zoo:llama, or a hub id")
+    try:
+        if local.is_dir() and _is_calq_checkpoint(local):
+            from calq.export.reader import load_checkpoint
+
+            model = load_checkpoint(local, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load model {ref}: {str(e).splitlines()[0]}",
+                         "give a local model directory, zoo:llama, or a hub id while online") from None
+    from transformers import AutoConfig
+
+    orig = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float16
+    orig = getattr(torch, orig) if isinstance(orig, str) else orig
+    return model.eval(), tokenizer, orig
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not Path(ref).exists()
+
+
+def _check_stages(recipe: Recipe, model) -> None:
+    """Checks that need the model: each stage matches something, and group sizes divide."""
+    prefix, blocks = find_blocks(model)
+    linears = {}
+    for i, block in enumerate(blocks):
+        linears.update(find_linears(block, f"{prefix}.{i}"))
+    for i, stage in enumerate(recipe.stages):
+        targets = stage_targets(linears, stage)
+        if not targets:
+            raise RecipeError(f"stages[{i}].targets: no module inside {prefix} matches {stage.targets} "
+                              f"(ignore {stage.ignore})", "check targets and ignore")
+        if hasattr(stage, "group_size"):
+            for name, mod in targets.items():
+                args = QuantArgs(bits=stage.bits, group_size=stage.group_size, layout=stage.layout)
+                msg = check_divides(tuple(mod.weight.shape), args)
+                if msg:
+                    raise RecipeError(f"stages[{i}].group_size: {msg} of {name}",
+                                      "pick a group size that divides it, or -1 for one group per channel")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise CalqError(f"output directory {output} exists and is not empty", "pass --overwrite or pick another")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+
+
+def _eval_all(model, tokenizer, recipe: Recipe, device, windows_cache: dict) -> dict[str, tuple[int, float]]:
+    ev = recipe.evaluation
+    out = {}
+    for spec in ev.datasets:
+        if spec not in windows_cache:
+            windows_cache[spec] = evaluation_windows(load_text(spec, "evaluation"), tokenizer, ev.seq_len,
+                                                     ev.max_windows)
+        w = windows_cache[spec]
+        out[spec] = (w.shape[0], perplexity(model, w, batch_size=ev.batch_size, device=device))
+    return out
+
+
+def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.dtype = torch.float16,
+                   progress: Progress | None = None):
+    """Calibrate and compress `model` in place (weights end on CPU). Returns the engine's per-module results."""
+    cal = recipe.calibration
+    torch.manual_seed(cal.seed)
+    ids = calibration_windows(load_text(cal.dataset, "calibration"), tokenizer, cal.num_samples, cal.seq_len,
+                              cal.seed)
+    batches = list(ids.split(cal.batch_size))
+    prefix, blocks = find_blocks(model)
+    model.to(device)            # everything but the blocks stays on the device; blocks visit one at a time
+    blocks.to("cpu")
+    inputs = capture_block_inputs(model, blocks[0], batches, device)
+    stages = [METHODS[s.method](s) for s in recipe.stages]
+    if progress:
+        progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
+    result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress)
+    model.to("cpu")
+    return result
+
+
+def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | None = None,
+             device: str = "auto", seed: int | None = None, num_samples: int | None = None,
+             seq_len: int | None = None, evaluate: bool = True, overwrite: bool = False,
+             progress: Progress | None = None) -> Report:
+    """Run a recipe: calibrate, compress block by block, write the checkpoint and report to `output`."""
+    from calq.export.reader import load_checkpoint
+    from calq.export.writer import write_checkpoint
+
+    t0 = time.time()
+    overrides = {"model": model, "calibration": {"seed": seed, "num_samples": num_samples, "seq_len": seq_len}}
+    if isinstance(recipe, Recipe):
+        recipe = validate_recipe(merge_overrides(recipe.model_dump(mode="json"), overrides))
+    else:
+        recipe = load_recipe(recipe, overrides)
+    output = Path(output)
+    dev = resolve_device(device)
+    emit = progress or (lambda e: None)
+    tmp = _prepare_output(output, overwrite)
+    try:
+        timings: dict = {}
+        t = time.time()
+        model_, tokenizer, store_dtype = load_model(recipe.model)
+        _check_stages(recipe, model_)
+        timings["load"] = time.time() - t
+
+        windows_cache: dict = {}
+        baseline = {}
+        if evaluate:
+            t = time.time()
+            emit({"event": "phase", "name": "dense evaluation"})
+            baseline = _eval_all(model_.to(dev), tokenizer, recipe, dev, windows_cache)
+            model_.to("cpu")
+            timings["baseline_evaluation"] = time.time() - t
+
+        t = time.time()
+        result = compress_model(model_, tokenizer, recipe, dev, store_dtype, emit)
+        timings["compress"] = time.time() - t
+        timings["per_block"] = [round(x, 3) for x in result.block_seconds]
+
+        t = time.time()
+        records = [m.record for m in result.modules]
+        ignore = sorted({i for s in recipe.stages for i in s.ignore if not i.startswith("re:")})
+        stats = write_checkpoint(model_.to(store_dtype), records, tmp, ignore)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        timings["write"] = time.time() - t
+        del model_
+
+        evals = []
+        if evaluate:
+            t = time.time()
+            emit({"event": "phase", "name": "evaluation of the checkpoint read back from disk"})
+            reloaded = load_checkpoint(tmp, dtype=torch.float32).to(dev)
+            after = _eval_all(reloaded, tokenizer, recipe, dev, windows_cache)
+            del reloaded
+            evals = [EvalResult(dataset=s, seq_len=recipe.evaluation.seq_len, windows=n, ppl=p,
+                                baseline_ppl=baseline[s][1]) for s, (n, p) in after.items()]
+            timings["evaluation"] = time.time() - t
+
+        n_weights = sum(m.record.codes.numel() for m in result.modules)
+        q_bytes = sum(stats["modules"][m.record.name]["bytes"] for m in result.modules)
+        timings["total"] = time.time() - t0
+        report = Report(
+            **versions(), model=recipe.model, recipe=recipe.model_dump(mode="json"), seed=recipe.calibration.seed,
+            device=str(dev), timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_cuda_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+            bits_per_weight=8 * q_bytes / max(1, n_weights), checkpoint_bytes=stats["checkpoint_bytes"],
+            dense_bytes=stats["dense_bytes"], quantized_weights=n_weights, evaluation=evals,
+            evaluation_protocol=PROTOCOL,
+            modules=[ModuleRecord(name=m.record.name, method=m.record.method, bits=m.record.bits,
+                                  layout=m.record.layout, group_size=m.record.group_size,
+                                  symmetric=m.record.symmetric, rel_error=m.rel_error,
+                                  bits_per_weight=stats["modules"][m.record.name]["bits_per_weight"],
+                                  bytes=stats["modules"][m.record.name]["bytes"], seconds=round(m.seconds, 4),
+                                  tokens=m.tokens, info=m.record.info) for m in result.modules])
+        report.expect = _check_expect(recipe, report)
+        write_report(report, tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    failed = [k for k, v in (report.expect or {}).items() if not v["ok"]]
+    if failed:
+        detail = "; ".join(f"{k} = {report.expect[k]['value']:.4f} > {report.expect[k]['bound']}" for k in failed)
+        raise ExpectationFailed(f"expect: {detail} (checkpoint written to {output})",
+                                "the recipe no longer meets its expect: block")
+    return report
+
+
+def _check_expect(recipe: Recipe, report: Report) -> dict | None:
+    exp = recipe.expect
+    if exp is None:
+        return None
+    out = {}
+    if exp.max_bits_per_weight is not None:
+        out["max_bits_per_weight"] = {"bound": exp.max_bits_per_weight, "value": report.bits_per_weight,
+                                      "ok": report.bits_per_weight <= exp.max_bits_per_weight}
+    if exp.max_ppl_ratio is not None and report.evaluation:
+        worst = max(e.ppl / e.baseline_ppl for e in report.evaluation)
+        out["max_ppl_ratio"] = {"bound": exp.max_ppl_ratio, "value": worst, "ok": worst <= exp.max_ppl_ratio}
+    return out
+
+
+def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048, max_windows: int | None = None,
+             device: str = "auto", batch_size: int = 8, progress: Progress | None = None) -> list[dict]:
+    """Perplexity of a dense model (dir, hub id, zoo:NAME) or a calq checkpoint read back from disk."""
+    from calq.calibration.data import parse_dataset_spec
+
+    datasets = datasets or ["stdlib:test"]
+    for spec in datasets:   # cheap checks before the model loads
+        parse_dataset_spec(spec)
+    dev = resolve_device(device)
+    model, tokenizer, _ = load_model(target)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise CalqError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {max_pos}",
+                        f"use --seq-len {max_pos} or less")
+    model.to(dev)
+    results = []
+    for spec in datasets:
+        w = evaluation_windows(load_text(spec, "evaluation"), tokenizer, seq_len, max_windows)
+        cb = (lambda d, n, s=spec: progress({"event": "eval", "dataset": s, "done": d, "total": n})) \
+            if progress else None
+        ppl = perplexity(model, w, batch_size=batch_size, device=dev, on_batch=cb)
+        results.append({"target": target, "dataset": spec, "seq_len": seq_len, "windows": int(w.shape[0]),
+                        "ppl": ppl})
+    return results
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A calq checkpoint (or any dense HF folder / zoo name) as a ready transformers model on CPU."""
+    return load_model(str(path), dtype)[0]

@@ -1,0 +1,141 @@
+"""The block loop shared by every method.
+
+For each repeated block: onload it, run the calibration batches with hooks that collect what the stage's
+methods asked for, apply the methods Linear by Linear, recompute the block's outputs with the compressed
+weights (they are the next block's inputs), offload it. Weights rest on CPU; activations of the
+calibration set rest on CPU; the compute device holds one block at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from calq.calibration.blocks import block_output, find_linears, matches, to_device
+from calq.errors import CalqError
+from calq.methods.base import Compressed
+from calq.methods.gptq import accumulate_hessian
+from calq.methods.registry import Method
+
+
+@dataclass
+class ModuleResult:
+    record: Compressed
+    rel_error: float            # ||X(W - W_hat)ᵀ|| / ||X Wᵀ|| on the calibration inputs of this module
+    seconds: float
+    tokens: int
+
+
+@dataclass
+class EngineResult:
+    modules: list[ModuleResult] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)
+
+
+def stage_targets(linears: dict[str, nn.Linear], stage) -> dict[str, nn.Linear]:
+    return {n: m for n, m in linears.items() if matches(n, m, stage.targets) and not matches(n, m, stage.ignore)}
+
+
+class _Hessians:
+    """One running XᵀX per distinct input: Linears fed the same tensor (q/k/v, gate/up) share it."""
+
+    def __init__(self, targets: dict[str, nn.Linear]):
+        self.targets = targets
+        self.owner: dict[str, str] = {}        # module -> module whose accumulator it shares
+        self.H: dict[str, torch.Tensor] = {}
+        self.n: dict[str, int] = {}
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for name, mod in self.targets.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name):
+        def hook(_mod, args):
+            X = args[0]
+            if name not in self.owner:      # first batch: find who shares this input
+                # Holding X keeps its memory from being freed and reused by a later, different input.
+                self.owner[name] = self._seen.setdefault(X.data_ptr(), (name, X))[0]
+            if self.owner[name] != name:
+                return
+            X = X.detach().reshape(-1, X.shape[-1]).float()       # [N, IC]
+            if not torch.isfinite(X).all():
+                raise CalqError(f"non-finite calibration activations entering {name}",
+                                "check the model in fp32, or calibrate with other data")
+            self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), X, self.n.get(name, 0))
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+    def of(self, name: str) -> tuple[torch.Tensor, int]:
+        owner = self.owner[name]
+        return self.H[owner], self.n[owner]
+
+
+def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    # ||X ΔWᵀ||² = (N/2)·tr(ΔW H ΔWᵀ) with H = 2/N XᵀX; the N/2 cancels in the ratio.
+    dW = W - W_hat
+    num = ((dW @ H) * dW).sum()
+    den = ((W @ H) * W).sum()
+    return float((num / den.clamp_min(1e-30)).clamp_min(0).sqrt())
+
+
+@torch.no_grad()
+def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Method], device,
+               scale_dtype: torch.dtype, progress: Callable[[dict], None] | None = None) -> EngineResult:
+    """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU."""
+    result = EngineResult()
+    t_start = time.time()
+    n_tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
+
+    def forward(block):
+        outs = []
+        for hidden, kwargs in inputs:
+            out = block_output(block(hidden.to(device), **to_device(kwargs, device)))
+            outs.append(out)
+        return outs
+
+    for i, block in enumerate(blocks):
+        t_block = time.time()
+        if progress:
+            progress({"event": "block_start", "index": i, "total": len(blocks),
+                      "methods": [s.name for s in stages], "elapsed": t_block - t_start})
+        block.to(device)
+        linears = find_linears(block, f"{prefix}.{i}")
+        for method in stages:
+            targets = stage_targets(linears, method.config)
+            if not targets:
+                continue
+            with _Hessians(targets) as hess:
+                forward(block)
+            for name, mod in targets.items():
+                t0 = time.time()
+                W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
+                H, n = hess.of(name)
+                stats = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype}
+                rec = method.apply(name, W, stats)
+                mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
+                result.modules.append(ModuleResult(rec, _rel_error(W, rec.W_hat, H), time.time() - t0, n))
+            del hess
+        # Propagate: the next block sees this block's outputs with compressed weights.
+        outs = forward(block)
+        for j, out in enumerate(outs):
+            if not torch.isfinite(out).all():
+                raise CalqError(f"non-finite outputs from block {i} ({prefix}.{i}) after compression",
+                                "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
+            inputs[j] = (out.cpu(), inputs[j][1])
+        block.to("cpu")
+        result.block_seconds.append(time.time() - t_block)
+        if progress:
+            progress({"event": "block_end", "index": i, "total": len(blocks), "tokens": n_tokens,
+                      "seconds": result.block_seconds[-1], "elapsed": time.time() - t_start})
+    return result

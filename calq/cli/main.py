@@ -1,0 +1,192 @@
+"""`calq` command line: parse, make one API call, render with rich. Torch is imported inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from calq import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Calibration-driven post-training compression of language models.")
+recipes_app = typer.Typer(no_args_is_help=True, help="Bundled recipes: list, show, validate.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Bundled demo models.")
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool):
+    if value:
+        console.print(f"calq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    _state["debug"] = debug
+
+
+def _run(fn, *args, **kwargs):
+    """Call the API; a CalqError becomes one line on stderr and its exit code (2, or 3 for expect:)."""
+    from calq.errors import CalqError
+
+    try:
+        return fn(*args, **kwargs)
+    except CalqError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except MemoryError:
+        if _state["debug"]:
+            raise
+        err_console.print("[bold red]error:[/] out of memory — use fewer --num-samples, a smaller --seq-len, "
+                          "or a smaller calibration batch_size", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of a bundled recipe."),
+             output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
+             model: str | None = typer.Option(None, help="Model: directory, hub id or zoo:NAME."),
+             device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+             seed: int | None = typer.Option(None), num_samples: int | None = typer.Option(None),
+             seq_len: int | None = typer.Option(None), no_eval: bool = typer.Option(False, "--no-eval"),
+             overwrite: bool = typer.Option(False, "--overwrite")):
+    """Compress a model with a recipe; write a safetensors checkpoint and report.json/report.md."""
+    from calq import api
+    from calq.cli.render import BlockProgress, report_table
+
+    with BlockProgress(console) as progress:
+        report = _run(api.compress, recipe, output, model=model, device=device, seed=seed,
+                      num_samples=num_samples, seq_len=seq_len, evaluate=not no_eval, overwrite=overwrite,
+                      progress=progress.update)
+    console.print(report_table(report))
+    console.print(f"wrote [bold]{output}[/] (report.md, report.json)")
+
+
+@app.command()
+def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, zoo:NAME) or calq output dir."),
+             dataset: list[str] = typer.Option(["stdlib:test"], "--dataset", help="Dataset spec; repeatable."),
+             seq_len: int = typer.Option(2048), max_windows: int | None = typer.Option(None),
+             device: str = typer.Option("auto"), batch_size: int = typer.Option(8),
+             as_json: bool = typer.Option(False, "--json", help="One JSON object per dataset.")):
+    """Perplexity (GPTQ protocol: non-overlapping windows) of a model read back from disk."""
+    from calq import api
+
+    results = _run(api.evaluate, target, dataset, seq_len=seq_len, max_windows=max_windows, device=device,
+                   batch_size=batch_size)
+    if as_json:
+        for r in results:
+            print(json.dumps(r))
+        return
+    t = Table(title=f"perplexity of {target}")
+    for c in ("dataset", "seq_len", "windows", "ppl"):
+        t.add_column(c)
+    for r in results:
+        t.add_row(r["dataset"], str(r["seq_len"]), str(r["windows"]), f"{r['ppl']:.3f}")
+    console.print(t)
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A calq output directory."),
+            as_json: bool = typer.Option(False, "--json")):
+    """Per module: method, bits, layout, group size, effective bits/weight, bytes."""
+    from calq.export.inspect import inspect_checkpoint
+
+    rows = _run(inspect_checkpoint, path)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title=str(path))
+    for c in ("module", "bits", "layout", "group", "sym", "bits/weight", "bytes", "note"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], str(r["bits"]), r["layout"], str(r["group_size"]), str(r["symmetric"]),
+                  f"{r['bits_per_weight']:.3f}", str(r["bytes"]), r["note"])
+    console.print(t)
+
+
+@recipes_app.command("list")
+def recipes_list():
+    """Bundled recipes with their model and stages."""
+    from calq.recipe.load import RECIPES_DIR, read_yaml
+
+    t = Table(title=str(RECIPES_DIR))
+    for c in ("name", "model", "stages"):
+        t.add_column(c)
+    for f in sorted(RECIPES_DIR.glob("*.yaml")):
+        d = read_yaml(f)
+        stages = ", ".join(f"{s.get('method')}" + (f" w{s['bits']}" if "bits" in s else "")
+                           for s in d.get("stages", []))
+        t.add_row(f.stem, str(d.get("model", "zoo:llama")), stages)
+    console.print(t)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str):
+    """Print a bundled recipe."""
+    from calq.recipe.load import find_recipe
+
+    path = _run(find_recipe, name)
+    print(path.read_text(), end="")
+
+
+@recipes_app.command("validate")
+def recipes_validate(files: list[str] = typer.Argument(...)):
+    """Validate recipe files; exit 2 on the first invalid one."""
+    from calq.recipe.load import load_recipe
+
+    for f in files:
+        _run(load_recipe, f)
+        console.print(f"[green]ok[/] {f}")
+
+
+@zoo_app.command("list")
+def zoo_list():
+    """Bundled demo models: architecture, parameters, size, held-out perplexity."""
+    from calq.zoo import ZOO_DIR, zoo_info
+    from calq.zoo.specs import ZOO
+
+    t = Table(title="calq zoo")
+    for c in ("name", "architecture", "parameters", "size", "ppl stdlib:test", "unigram ppl"):
+        t.add_column(c)
+    for name, spec in ZOO.items():
+        info = zoo_info(name)
+        size = sum(f.stat().st_size for f in (ZOO_DIR / name).glob("*.safetensors")) if info else 0
+        t.add_row(f"zoo:{name}", spec.arch, f"{info.get('parameters', 0) / 1e6:.2f}M" if info else "-",
+                  f"{size / 2**20:.1f} MiB" if size else "not built",
+                  str(info.get("ppl_stdlib_test", "-")), str(info.get("unigram_ppl_stdlib_test", "-")))
+    console.print(t)
+
+
+@zoo_app.command("train")
+def zoo_train(name: str, steps: int | None = typer.Option(None, help="Override the spec's step count."),
+              out: Path | None = typer.Option(None, help="Output directory (default: the bundled folder).")):
+    """Train a demo model on stdlib:train (fixed seed and steps; minutes on a CPU)."""
+    from calq.zoo.specs import ZOO
+
+    if name not in ZOO:
+        err_console.print(f"[bold red]error:[/] unknown zoo model {name!r} — use one of {', '.join(ZOO)}")
+        raise typer.Exit(2)
+    from calq.zoo.train import train
+
+    train(name, out_dir=out, steps=steps, log=console.print)
+
+
+def run():  # pragma: no cover - console entry for `python -m calq`
+    app(prog_name="calq")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

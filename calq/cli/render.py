@@ -1,0 +1,45 @@
+"""rich rendering: the block progress bar and the result table."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class BlockProgress:
+    """Draws engine events: block i/N, methods, tokens, elapsed and ETA."""
+
+    def __init__(self, console):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("block {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def update(self, e: dict) -> None:
+        if e["event"] == "phase":
+            self.progress.console.print(f"[dim]{e['name']}…[/]")
+        elif e["event"] == "start":
+            self.task = self.progress.add_task(", ".join(e["methods"]), total=e["blocks"], info="")
+        elif e["event"] == "block_end" and self.task is not None:
+            self.progress.update(self.task, completed=e["index"] + 1,
+                                 info=f"{e['tokens']:,} tokens, {e['seconds']:.1f}s/block")
+
+
+def report_table(report) -> Table:
+    t = Table(title=f"calq: {report.model}")
+    for c in ("dataset", "windows", "dense ppl", "compressed ppl", "ratio"):
+        t.add_column(c)
+    for e in report.evaluation:
+        t.add_row(e.dataset, str(e.windows), f"{e.baseline_ppl:.3f}", f"{e.ppl:.3f}",
+                  f"{e.ppl / e.baseline_ppl:.4f}")
+    t.caption = (f"{report.bits_per_weight:.3f} bits/weight · checkpoint {report.checkpoint_bytes / 2**20:.2f} MiB "
+                 f"(dense {report.dense_bytes / 2**20:.2f} MiB) · {report.timings['total']:.1f}s · "
+                 f"peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB")
+    return t

@@ -1,0 +1,47 @@
+"""Perplexity with the GPTQ-paper protocol (formats.md §5).
+
+Text joined once, tokenized once, cut into non-overlapping windows of seq_len (tail dropped, no per-window
+BOS), fp32 loss over the predicted tokens of each window, ppl = exp(mean window loss).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def window_losses(model, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu",
+                  on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Mean next-token loss of each window, in fp32. windows: [W, T] -> [W]."""
+    losses = []
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i:i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()          # [b, T, V]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        losses.append(loss.view(ids.shape[0], -1).mean(1).cpu())
+        if on_batch:
+            on_batch(min(i + batch_size, windows.shape[0]), windows.shape[0])
+    return torch.cat(losses)
+
+
+def perplexity(model, windows: torch.Tensor, **kw) -> float:
+    return math.exp(window_losses(model, windows, **kw).mean().item())
+
+
+def unigram_perplexity(train_ids: list[int] | torch.Tensor, windows: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of an add-one-smoothed unigram model fit on train_ids, scored like `perplexity`.
+
+    The baseline a trained model must beat: it knows token frequencies and nothing of context.
+    """
+    counts = Counter(train_ids.tolist() if isinstance(train_ids, torch.Tensor) else train_ids)
+    freq = torch.ones(vocab_size, dtype=torch.float64)
+    for tok, c in counts.items():
+        freq[tok] += c
+    logp = freq.log() - freq.sum().log()
+    targets = windows[:, 1:]                         # the same predicted tokens as window_losses
+    return math.exp(-logp[targets].mean().item())

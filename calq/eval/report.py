@@ -1,0 +1,84 @@
+"""The run report: one pydantic model, written as report.json; report.md is rendered from that JSON only."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+
+class EvalResult(BaseModel):
+    dataset: str
+    seq_len: int
+    windows: int
+    baseline_ppl: float | None = None
+    ppl: float
+
+
+class ModuleRecord(BaseModel):
+    name: str
+    method: str
+    bits: int
+    layout: str
+    group_size: int
+    symmetric: bool
+    rel_error: float
+    bits_per_weight: float
+    bytes: int
+    seconds: float
+    tokens: int
+    info: dict = Field(default_factory=dict)
+
+
+class Report(BaseModel):
+    calq_version: str
+    python: str
+    torch: str
+    transformers: str
+    compressed_tensors: str
+    platform: str
+    model: str
+    recipe: dict
+    seed: int
+    device: str
+    timings: dict                      # total, load, calibration, compress, write, evaluation; per_block
+    peak_rss_bytes: int
+    peak_cuda_bytes: int | None = None
+    bits_per_weight: float             # codes + scales + zeros over the quantized Linears
+    checkpoint_bytes: int
+    dense_bytes: int
+    quantized_weights: int             # number of weights in quantized Linears
+    evaluation: list[EvalResult] = Field(default_factory=list)
+    evaluation_protocol: str = ""
+    modules: list[ModuleRecord] = Field(default_factory=list)
+    expect: dict | None = None         # the recipe's bounds and whether each held
+
+
+def versions() -> dict:
+    import compressed_tensors
+    import transformers
+
+    from calq import __version__
+
+    return {"calq_version": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "compressed_tensors": compressed_tensors.__version__,
+            "platform": platform.platform()}
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def write_report(report: Report, out_dir: Path) -> None:
+    from calq.eval.report_md import render_markdown
+
+    data = report.model_dump(mode="json")
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    render_markdown(data, out_dir)

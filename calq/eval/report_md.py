@@ -1,0 +1,63 @@
+"""report.md (and a per-layer error chart) rendered from report.json alone, so old reports re-render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def render_markdown(data: dict, out_dir: Path) -> None:
+    lines = [f"# calq report: {data['model']}", ""]
+    stages = ", ".join(s["method"] for s in data["recipe"]["stages"])
+    lines += [f"- stages: {stages}", f"- seed: {data['seed']}, device: {data['device']}",
+              f"- calq {data['calq_version']}, torch {data['torch']}, transformers {data['transformers']}, "
+              f"compressed-tensors {data['compressed_tensors']}, Python {data['python']}",
+              f"- bits per weight (quantized Linears, codes + scales + zeros): **{data['bits_per_weight']:.3f}**",
+              f"- checkpoint {_mib(data['checkpoint_bytes'])} vs dense {_mib(data['dense_bytes'])}",
+              f"- time {data['timings']['total']:.1f} s, peak RSS {_mib(data['peak_rss_bytes'])}", ""]
+    if data["evaluation"]:
+        lines += ["## Perplexity", "", data.get("evaluation_protocol", ""), "",
+                  "| dataset | seq_len | windows | dense | compressed | ratio |", "|---|---|---|---|---|---|"]
+        for e in data["evaluation"]:
+            base = e["baseline_ppl"]
+            ratio = f"{e['ppl'] / base:.4f}" if base else "-"
+            lines.append(f"| {e['dataset']} | {e['seq_len']} | {e['windows']} | "
+                         f"{base:.3f} | {e['ppl']:.3f} | {ratio} |" if base else
+                         f"| {e['dataset']} | {e['seq_len']} | {e['windows']} | - | {e['ppl']:.3f} | - |")
+        lines.append("")
+    if data.get("expect"):
+        lines += ["## Expectations", ""]
+        for k, v in data["expect"].items():
+            lines.append(f"- {k}: bound {v['bound']}, got {v['value']:.4f} — {'ok' if v['ok'] else 'FAILED'}")
+        lines.append("")
+    if data["modules"]:
+        if _plot(data, out_dir / "layer_errors.png"):
+            lines += ["![relative output error per layer](layer_errors.png)", ""]
+        lines += ["## Modules", "", "| module | method | bits | layout | group | bits/weight | rel. error | s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in data["modules"]:
+            lines.append(f"| {m['name']} | {m['method']} | {m['bits']} | {m['layout']} | {m['group_size']} | "
+                         f"{m['bits_per_weight']:.3f} | {m['rel_error']:.4f} | {m['seconds']:.2f} |")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(data: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    mods = data["modules"]
+    fig, ax = plt.subplots(figsize=(max(6, len(mods) * 0.25), 3.5))
+    ax.bar(range(len(mods)), [m["rel_error"] for m in mods])
+    ax.set_xticks(range(len(mods)), [m["name"].split("layers.")[-1] for m in mods], rotation=90, fontsize=6)
+    ax.set_ylabel("relative output error")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,65 @@
+"""Describe a calq checkpoint module by module, from its files alone (config + safetensors headers)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from safetensors import safe_open
+
+from calq.errors import CalqError
+
+VLLM_NOTE = {"block": "no vLLM kernel for block (per-input-channel) INT weights; loads in transformers"}
+
+
+def _group_of(name: str, groups: dict) -> tuple[str, dict]:
+    for gname, g in groups.items():
+        for t in g.get("targets", []):
+            if t == name or (t.startswith("re:") and re.match(t[3:], name)) or t == "Linear":
+                return gname, g
+    raise CalqError(f"{name} is packed but no config group targets it", "the checkpoint's config.json is damaged")
+
+
+def inspect_checkpoint(path: str | Path) -> list[dict]:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CalqError(f"{path} is not a model directory (no config.json)", "give a calq output directory")
+    qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
+    if not qcfg:
+        raise CalqError(f"{path} holds a dense model (no quantization_config)", "give a calq output directory")
+    files = sorted(path.glob("*.safetensors"))
+    sizes: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                sizes[k] = n * _itemsize(sl.get_dtype())
+                if k.endswith(".weight_shape"):
+                    shapes[k[: -len(".weight_shape")]] = st.get_tensor(k).tolist()
+    report = path / "report.json"
+    methods = {m["name"]: m["method"] for m in json.loads(report.read_text())["modules"]} if report.is_file() else {}
+    rows = []
+    for name in sorted(shapes):
+        _, g = _group_of(name, qcfg["config_groups"])
+        w = g["weights"]
+        nbytes = sum(v for k, v in sizes.items() if k.startswith(name + ".weight_"))
+        oc, ic = shapes[name]
+        strategy = w["strategy"]
+        group = (w.get("block_structure") or [None])[0] if strategy == "block" else \
+            (w.get("group_size") if strategy == "group" else -1)
+        rows.append({"name": name, "method": methods.get(name, "?"), "bits": w["num_bits"],
+                     "layout": "ic" if strategy == "block" else "oc", "strategy": strategy, "group_size": group,
+                     "symmetric": w["symmetric"], "shape": [oc, ic], "bytes": nbytes,
+                     "bits_per_weight": 8 * nbytes / (oc * ic), "note": VLLM_NOTE.get(strategy, "")})
+    return rows
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1}.get(dtype, 4)

@@ -1,0 +1,6 @@
+"""Method registry. Each method module registers itself by name; the name is the recipe's `method:`."""
+
+from __future__ import annotations
+
+from calq.methods import gptq, rtn  # noqa: F401,E402  (explicit imports fill the registry)
+from calq.methods.registry import METHODS, register  # noqa: F401

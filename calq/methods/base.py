@@ -1,0 +1,25 @@
+"""What a method is: its config, what statistics it needs, and the record it returns per module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Compressed:
+    """The result of compressing one Linear. Everything export and the report need; no file format."""
+
+    name: str                       # module path, e.g. "model.layers.0.mlp.down_proj"
+    method: str                     # registry key, e.g. "gptq"
+    bits: int
+    layout: str                     # "oc" | "ic"
+    group_size: int                 # -1 = one group over the whole grouped dimension
+    symmetric: bool
+    codes: torch.Tensor             # int8 [OC, IC], signed
+    scale: torch.Tensor             # fp32 holding scale_dtype values; [OC, G] ("oc") or [G, IC] ("ic")
+    zero: torch.Tensor | None       # same shape as scale, integer-valued; None if symmetric
+    W_hat: torch.Tensor             # fp32 [OC, IC] dequantized weight, put back into the model
+    loss: float | None = None       # method's own objective (GPTQ: sum of squared weighted error)
+    info: dict = field(default_factory=dict)  # method notes for the report (damping used, fallback, ...)

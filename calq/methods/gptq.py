@@ -1,0 +1,192 @@
+"""GPTQ as pure functions: accumulate the Hessian, then solve one Linear column by column.
+
+Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+Algorithm 1 (lazy batch updates over column blocks, Cholesky form of the inverse Hessian).
+
+Conventions: W is [OC, IC], X is [N, IC] (tokens first), H = 2/N Σ x xᵀ is [IC, IC] and kept in fp32.
+All rounding goes through `quantizer.py`, so codes, scale and zero follow the checkpoint convention of
+`quantize_rtn` for both layouts, and W_hat == dequantize(codes, scale, zero) exactly.
+Group scales:
+  "oc", group_size -1     one scale per row, from the full rows of W up front (as the reference GPTQ)
+  "oc", groups            a group's scale from its error-corrected columns when the solver reaches its first
+                          column; with act-order, static groups: every group's scale from the unpermuted W up
+                          front, so each column keeps its original group's scale and no g_idx is needed
+  "ic"                    a column's scales (groups of g rows) from its error-corrected values when it is quantized
+The solve runs in fp32 like the reference; damping, raised on a failed Cholesky, is what keeps it stable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from calq.methods.quantizer import QuantArgs, dequantize, qparams, quantize, quantize_rtn
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor             # int8 [OC, IC], original column order
+    scale: torch.Tensor             # [OC, G] ("oc") or [G, IC] ("ic"), as quantize_rtn
+    zero: torch.Tensor | None       # same shape as scale; None if symmetric
+    W_hat: torch.Tensor             # fp32 [OC, IC] dequantized weight
+    loss: float                     # Σ (w - q)² / d² / 2 over all columns (paper's Losses); nan on fallback
+    damp: float                     # dampening fraction finally used
+    fallback: bool                  # True if every Cholesky failed and the layer was rounded with RTN
+
+
+def accumulate_hessian(H: torch.Tensor | None, X: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
+    """Fold X [N, IC] into the running mean H = 2/n Σ x xᵀ. Returns (H [IC, IC] fp32, n_seen + N)."""
+    X = X.float()
+    N, IC = X.shape
+    if H is None:
+        H = torch.zeros(IC, IC, device=X.device)
+    if N == 0:
+        return H, n_seen
+    n_new = n_seen + N
+    # A running mean rather than a running sum keeps H's magnitude independent of the token count.
+    H.mul_(n_seen / n_new).addmm_(X.t(), X, alpha=2.0 / n_new)
+    return H, n_new
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, block_size: int = 128,
+                  dampening_frac: float = 0.01, actorder: bool = False, max_damp_tries: int = 5) -> GPTQResult:
+    """Quantize W [OC, IC] against H [IC, IC] (Algorithm 1). Never raises on a numerical failure."""
+    W_orig = W
+    W = W.detach().float().clone()                          # [OC, IC]
+    H = H.detach().float().clone()                          # [IC, IC]; the caller's H may serve other methods
+    OC, IC = W.shape
+    g = args.group_len((OC, IC))
+
+    # Dead inputs: the column never influences the output, so any value works; 0 keeps it out of the scales.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    # "oc" scales computed once up front; "ic" scales always follow the column being quantized.
+    static = args.layout == "oc" and (actorder or args.group_size == -1)
+    if args.layout == "oc":
+        if static:
+            scale, zero = qparams(W.reshape(OC, IC // g, g), args)           # [OC, G]
+        else:
+            scale = torch.zeros(OC, IC // g, device=W.device)
+            zero = None if args.symmetric else torch.zeros_like(scale)
+            # A group's columns must all sit in one lazy block to be read error-corrected at its first column.
+            block_size = max(g, block_size // g * g)
+    else:
+        scale = torch.zeros(OC // g, IC, device=W.device)
+        zero = None if args.symmetric else torch.zeros_like(scale)
+
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(IC, device=W.device)
+    Hinv, damp = _inverse_cholesky(H, dampening_frac, max_damp_tries)
+    if Hinv is None:
+        return _rtn_fallback(W_orig, args, damp)
+
+    cols = perm.tolist()                                    # permuted position -> original column
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    Losses = torch.zeros_like(W)
+    for i1 in range(0, IC, block_size):
+        i2 = min(i1 + block_size, IC)
+        W1 = W[:, i1:i2].clone()                            # [OC, B]
+        Q1, C1, Err1, Losses1 = (torch.zeros_like(W1) for _ in range(4))
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d, c = W1[:, i], Hinv1[i, i], cols[i1 + i]
+            s, z = _column_qparams(W1, i, c, scale, zero, g, args, static)
+            q = quantize(w, s, z, args)                     # [OC]
+            Q1[:, i] = dequantize(q, s, z)
+            C1[:, i] = q
+            Losses1[:, i] = (w - Q1[:, i]) ** 2 / d**2 / 2
+            err1 = (w - Q1[:, i]) / d
+            W1[:, i + 1:] -= torch.outer(err1, Hinv1[i, i + 1:])
+            Err1[:, i] = err1
+        Q[:, i1:i2], codes[:, i1:i2], Losses[:, i1:i2] = Q1, C1, Losses1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                # the block's error reaches later columns at once
+
+    inv = torch.argsort(perm)
+    W_hat = Q[:, inv]
+    if not torch.isfinite(W_hat).all():
+        return _rtn_fallback(W_orig, args, damp)
+    return GPTQResult(codes[:, inv].to(torch.int8), scale, zero, W_hat, Losses.sum().item(), damp, False)
+
+
+def _column_qparams(W1, i, c, scale, zero, g, args, static):
+    """Scale/zero [OC] for the block column W1[:, i] (original column c); records new params in scale/zero."""
+    OC = W1.shape[0]
+    if args.layout == "ic":
+        s, z = qparams(W1[:, i].reshape(OC // g, g), args)  # [OC/g]
+        scale[:, c] = s
+        if z is not None:
+            zero[:, c] = z
+        return s.repeat_interleave(g), None if z is None else z.repeat_interleave(g)
+    if not static and c % g == 0:
+        s, z = qparams(W1[:, i:i + g], args)                # [OC]
+        scale[:, c // g] = s
+        if z is not None:
+            zero[:, c // g] = z
+    return scale[:, c // g], None if zero is None else zero[:, c // g]
+
+
+def _inverse_cholesky(H: torch.Tensor, frac: float, tries: int) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of (H + frac·mean(diag H)·I)⁻¹, raising frac tenfold after each failure."""
+    eye = torch.eye(H.shape[0], device=H.device)
+    mean_diag = torch.diag(H).mean()
+    for attempt in range(tries + 1):
+        if attempt:
+            frac = 10 * frac if frac > 0 else 0.01          # a zero fraction cannot grow by scaling
+        L, info = torch.linalg.cholesky_ex(H + frac * mean_diag * eye)
+        if info.item() == 0 and torch.isfinite(L).all():
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, frac
+    return None, frac
+
+
+def _rtn_fallback(W: torch.Tensor, args: QuantArgs, damp: float) -> GPTQResult:
+    codes, scale, zero, W_hat = quantize_rtn(W.detach().float(), args)
+    return GPTQResult(codes, scale, zero, W_hat, float("nan"), damp, True)
+
+
+# --- the recipe stage -------------------------------------------------------------------------------------
+
+from pydantic import Field, field_validator  # noqa: E402
+
+from calq.methods.base import Compressed  # noqa: E402
+from calq.methods.registry import Method, WeightQuantConfig, register  # noqa: E402
+
+
+class GPTQConfig(WeightQuantConfig):
+    dampening_frac: float = Field(0.01, ge=0, le=1)   # fraction of mean diag(H) added to the diagonal
+    block_size: int = Field(128, ge=1)                # columns per lazy batch update
+    actorder: bool = True                             # "static": reorder while solving, no g_idx stored
+
+    @field_validator("actorder", mode="before")
+    @classmethod
+    def _actorder(cls, v):
+        # llm-compressor spellings; "group"/"dynamic" need g_idx, which compressed-tensors 0.20 rejects.
+        if v in (None, False, "none", "null"):
+            return False
+        if v in (True, "static", "weight"):
+            return True
+        raise ValueError(f"{v!r} is not supported; use static (or weight), or null to disable act-order")
+
+
+@register("gptq")
+class GPTQ(Method):
+    Config = GPTQConfig
+    needs = ("hessian",)
+
+    def apply(self, name, W, stats) -> Compressed:
+        from calq.methods.rtn import quant_args
+
+        cfg = self.config
+        r = gptq_quantize(W, stats["hessian"], quant_args(cfg, stats["scale_dtype"]), cfg.block_size,
+                          cfg.dampening_frac, cfg.actorder)
+        info = {"damp": r.damp, "fallback_rtn": r.fallback}
+        return Compressed(name, "gptq", cfg.bits, cfg.layout, cfg.group_size, cfg.symmetric, r.codes, r.scale,
+                          r.zero, r.W_hat, loss=None if r.fallback else r.loss, info=info)

@@ -1,0 +1,108 @@
+"""Uniform integer quantization as pure functions, in the compressed-tensors integer convention.
+
+Codes are signed, q in [-2^(b-1), 2^(b-1) - 1]; W_hat = (q - zero) * scale (formats.md §1.3).
+Symmetric: scale = absmax / ((2^b - 1) / 2), zero = 0. Asymmetric: scale = (max - min) / (2^b - 1),
+zero = round(qmin - min / scale), clamped, so 0.0 is always representable.
+Scales are rounded to the checkpoint dtype *before* codes are computed, so dequantization on load
+reproduces calibration-time fake quantization exactly.
+
+Group layouts of a weight W [OC, IC]:
+  "oc": groups of `g` consecutive input columns within one output row -> scale [OC, IC/g]
+        (the usual layout; g = -1 means one group per row, i.e. per-channel -> scale [OC, 1])
+  "ic": groups of `g` consecutive output rows within one input column -> scale [OC/g, IC]
+        (per-input-channel; compressed-tensors `block` with block_structure [g, 1])
+Each layout is the other on Wᵀ, so both go through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("oc", "ic")
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    bits: int = 4
+    group_size: int = 128      # -1: one group spanning the whole grouped dimension
+    symmetric: bool = True
+    layout: str = "oc"
+    scale_dtype: torch.dtype = torch.float16
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def group_len(self, W_shape: tuple[int, int]) -> int:
+        """Length of one group along the grouped dimension (IC for "oc", OC for "ic")."""
+        dim = W_shape[1] if self.layout == "oc" else W_shape[0]
+        return dim if self.group_size == -1 else self.group_size
+
+
+def qparams(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point reducing over the last dim of x [..., g]. Returns ([...], [...] or None)."""
+    x = x.float()
+    if args.symmetric:
+        absmax = x.abs().amax(-1)
+        scale = absmax / ((2**args.bits - 1) / 2)
+        scale = _round_scale(scale, args)
+        return scale, None
+    xmin = x.amin(-1).clamp(max=0.0)
+    xmax = x.amax(-1).clamp(min=0.0)
+    scale = _round_scale((xmax - xmin) / (2**args.bits - 1), args)
+    zero = torch.round(args.qmin - xmin / scale).clamp(args.qmin, args.qmax)
+    return scale, zero
+
+
+def _round_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    # A zero scale (all-zero group) would divide by zero; any positive value codes it as 0.
+    scale = scale.to(args.scale_dtype).float()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
+    """Integer codes of x (broadcasting scale/zero against x). Returned as float holding integers."""
+    q = torch.round(x / scale)
+    if zero is not None:
+        q = q + zero
+    return q.clamp(args.qmin, args.qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    return (q - zero) * scale if zero is not None else q * scale
+
+
+def fake_quantize(x, scale, zero, args: QuantArgs) -> torch.Tensor:
+    return dequantize(quantize(x, scale, zero, args), scale, zero)
+
+
+def check_divides(W_shape: tuple[int, int], args: QuantArgs) -> str | None:
+    """None if the group size divides the grouped dimension, else a message naming both numbers."""
+    dim_name, dim = ("in_features", W_shape[1]) if args.layout == "oc" else ("out_features", W_shape[0])
+    if args.group_size != -1 and dim % args.group_size:
+        return f"{args.group_size} does not divide {dim_name} {dim}"
+    return None
+
+
+def quantize_rtn(W: torch.Tensor, args: QuantArgs):
+    """Round-to-nearest of W [OC, IC] in args.layout. Returns (codes, scale, zero, W_hat).
+
+    codes: int8 [OC, IC]; scale/zero: [OC, G] for "oc", [G, IC] for "ic" (zero None if symmetric).
+    """
+    if args.layout == "ic":
+        codes, scale, zero, W_hat = quantize_rtn(W.t(), QuantArgs(**{**args.__dict__, "layout": "oc"}))
+        return codes.t(), scale.t(), None if zero is None else zero.t(), W_hat.t()
+    OC, IC = W.shape
+    g = args.group_len(W.shape)
+    Wg = W.float().reshape(OC, IC // g, g)                  # [OC, G, g]
+    scale, zero = qparams(Wg, args)                        # [OC, G]
+    z = None if zero is None else zero[..., None]
+    q = quantize(Wg, scale[..., None], z, args)            # [OC, G, g]
+    W_hat = dequantize(q, scale[..., None], z).reshape(OC, IC)
+    return q.reshape(OC, IC).to(torch.int8), scale, zero, W_hat

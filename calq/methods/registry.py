@@ -1,0 +1,82 @@
+"""The method registry and the contract between the engine and a method.
+
+A method declares:
+  - `Config`: its pydantic recipe keys (extra keys rejected);
+  - `needs`: the per-Linear statistics the engine must collect before `apply` (e.g. {"hessian"});
+  - `apply(name, W, stats) -> Compressed`: what it does to one Linear's weight W [OC, IC].
+The engine never branches on a method's name; everything it needs is in `needs`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from calq.methods.base import Compressed
+
+METHODS: dict[str, type[Method]] = {}
+STATS = ("hessian",)  # statistics the engine knows how to collect
+
+
+def register(name: str):
+    def wrap(cls):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        if not set(cls.needs) <= set(STATS):
+            raise ValueError(f"method {name!r} needs unknown statistics {set(cls.needs) - set(STATS)}")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return wrap
+
+
+class StageConfig(BaseModel):
+    """Keys every stage has. `targets`/`ignore`: class names, exact module paths or `re:` regexes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes_compile(cls, v):
+        for t in v:
+            if t.startswith("re:"):
+                try:
+                    re.compile(t[3:])
+                except re.error as e:
+                    raise ValueError(f"bad regex {t!r}: {e}") from e
+        return v
+
+
+class WeightQuantConfig(StageConfig):
+    """Integer weight quantization keys shared by RTN and GPTQ (llm-compressor's names)."""
+
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = 128
+    symmetric: bool = True
+    layout: Literal["oc", "ic"] = "oc"
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v != -1 and v < 1:
+            raise ValueError("must be -1 (one group per channel) or a positive size such as 32, 64, 128")
+        return v
+
+
+class Method:
+    name: str = ""
+    Config: type[StageConfig] = StageConfig
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, config: StageConfig):
+        self.config = config
+
+    def apply(self, name: str, W: torch.Tensor, stats: dict) -> Compressed:
+        raise NotImplementedError

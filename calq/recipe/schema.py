@@ -1,0 +1,131 @@
+"""The recipe: pydantic models with unknown keys rejected and errors that name the field path.
+
+Shape (names follow llm-compressor where the meaning is the same, formats.md §4):
+  model, calibration {dataset, num_samples, seq_len, seed, batch_size},
+  stages: [{method, targets, ignore, <method keys>}], evaluation {datasets, seq_len, max_windows},
+  output {format}, expect {max_ppl_ratio, max_bits_per_weight}.
+Each stage is validated by its method's own Config, looked up by `method:` in the registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from calq.calibration.data import parse_dataset_spec
+from calq.errors import CalqError, RecipeError
+from calq.methods import METHODS
+from calq.methods.registry import StageConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_spec(v: str) -> str:
+    try:
+        parse_dataset_spec(v)
+    except CalqError as e:
+        raise ValueError(f"{e.problem} ({e.fix})") from None
+    return v
+
+
+class Calibration(_Strict):
+    dataset: str = "stdlib:train"
+    num_samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+    _spec = field_validator("dataset")(classmethod(lambda cls, v: _check_spec(v)))
+
+
+class Evaluation(_Strict):
+    datasets: list[str] = Field(default_factory=lambda: ["stdlib:test"])
+    seq_len: int = Field(512, ge=8)
+    max_windows: int | None = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("datasets")
+    @classmethod
+    def _specs(cls, v):
+        return [_check_spec(s) for s in v]
+
+
+class Output(_Strict):
+    format: Literal["compressed-tensors"] = "compressed-tensors"
+
+
+class Expect(_Strict):
+    """Turns a recipe into a regression test: `calq compress` exits 3 if a bound is missed."""
+
+    max_ppl_ratio: float | None = Field(None, gt=0)        # compressed ppl / dense ppl, every dataset
+    max_bits_per_weight: float | None = Field(None, gt=0)
+
+
+class Recipe(_Strict):
+    model: str = "zoo:llama"
+    calibration: Calibration = Field(default_factory=Calibration)
+    stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    output: Output = Field(default_factory=Output)
+    expect: Expect | None = None
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stages(cls, v):
+        if not isinstance(v, list):
+            raise ValueError("must be a list of stages, each with a `method:`")
+        out = []
+        for i, stage in enumerate(v):
+            if not isinstance(stage, dict) or "method" not in stage:
+                raise _StageError(i, "method", "each stage needs a `method:` key "
+                                  f"(one of {', '.join(sorted(METHODS))})")
+            method = stage["method"]
+            if method not in METHODS:
+                raise _StageError(i, "method", f"unknown method {method!r}; "
+                                  f"available: {', '.join(sorted(METHODS))}")
+            try:
+                out.append(METHODS[method].Config.model_validate(stage))
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise _StageError(i, _path(err["loc"]), _message(err)) from None
+        return out
+
+
+class _StageError(ValueError):
+    def __init__(self, index: int, field: str, msg: str):
+        self.path = f"stages[{index}]" + (f".{field}" if field else "")
+        super().__init__(msg)
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Recipe from parsed YAML, or a RecipeError naming `source`, the field path and the problem."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}",
+                          "see docs/recipes.md for the keys")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _StageError):
+            where, msg = ctx_err.path, str(ctx_err)
+        else:
+            where, msg = _path(err["loc"]), _message(err)
+        raise RecipeError(f"{source}: {where}: {msg}",
+                          "fix the recipe (keys are documented in docs/recipes.md)") from None
