@@ -183,6 +183,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         result = compress_model(model_, tokenizer, recipe, dev, store_dtype, emit)
         timings["compress"] = time.time() - t
         timings["per_block"] = [round(x, 3) for x in result.block_seconds]
+        timings["phases"] = {k: round(v, 3) for k, v in result.phase_seconds.items()}
 
         t = time.time()
         records = [m.record for m in result.modules]

@@ -34,6 +34,9 @@ class ModuleResult:
 class EngineResult:
     modules: list[ModuleResult] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
+    # seconds in: calibration forwards (hooks included), statistics inside hooks, methods, propagation
+    phase_seconds: dict = field(default_factory=lambda: {"stats_forward": 0.0, "stats_accumulate": 0.0,
+                                                         "methods": 0.0, "propagate": 0.0})
 
 
 def stage_targets(linears: dict[str, nn.Linear], stage) -> dict[str, nn.Linear]:
@@ -50,6 +53,7 @@ class _Hessians:
         self.n: dict[str, int] = {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
         self._handles = []
+        self.seconds = 0.0
 
     def __enter__(self):
         for name, mod in self.targets.items():
@@ -64,11 +68,13 @@ class _Hessians:
                 self.owner[name] = self._seen.setdefault(X.data_ptr(), (name, X))[0]
             if self.owner[name] != name:
                 return
+            t0 = time.perf_counter()
             X = X.detach().reshape(-1, X.shape[-1]).float()       # [N, IC]
             if not torch.isfinite(X).all():
                 raise CalqError(f"non-finite calibration activations entering {name}",
                                 "check the model in fp32, or calibrate with other data")
             self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), X, self.n.get(name, 0))
+            self.seconds += time.perf_counter() - t0
         return hook
 
     def __exit__(self, *exc):
@@ -94,6 +100,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                scale_dtype: torch.dtype, progress: Callable[[dict], None] | None = None) -> EngineResult:
     """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU."""
     result = EngineResult()
+    phases = result.phase_seconds
     t_start = time.time()
     n_tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
 
@@ -115,8 +122,11 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             targets = stage_targets(linears, method.config)
             if not targets:
                 continue
+            t0 = time.perf_counter()
             with _Hessians(targets) as hess:
                 forward(block)
+            phases["stats_forward"] += time.perf_counter() - t0
+            phases["stats_accumulate"] += hess.seconds
             for name, mod in targets.items():
                 t0 = time.time()
                 W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
@@ -125,9 +135,12 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 rec = method.apply(name, W, stats)
                 mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
                 result.modules.append(ModuleResult(rec, _rel_error(W, rec.W_hat, H), time.time() - t0, n))
+                phases["methods"] += time.time() - t0
             del hess
         # Propagate: the next block sees this block's outputs with compressed weights.
+        t0 = time.perf_counter()
         outs = forward(block)
+        phases["propagate"] += time.perf_counter() - t0
         for j, out in enumerate(outs):
             if not torch.isfinite(out).all():
                 raise CalqError(f"non-finite outputs from block {i} ({prefix}.{i}) after compression",

@@ -1,0 +1,82 @@
+"""Seconds and peak memory to GPTQ-quantize one decoder block of a real model shape.
+
+Runs one LlamaDecoderLayer (random weights are fine for timing) through calq's own block engine, so the
+numbers include hooks, Hessian accumulation, the solve and the propagation pass, split by phase.
+
+    python benchmarks/gptq_block.py                      # Llama-2-7B shape: hidden 4096, intermediate 11008
+    python benchmarks/gptq_block.py --hidden 2048 --intermediate 5504 --tokens 4096 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from calq.calibration.engine import run_blocks
+from calq.eval.report import peak_rss_bytes
+from calq.methods import METHODS
+from calq.recipe.schema import validate_recipe
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens (seq_len 2048 windows)")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads, max_position_embeddings=args.seq_len)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    block = LlamaDecoderLayer(cfg, layer_idx=0).to(dtype)
+    blocks = torch.nn.ModuleList([block])
+    n_batches = max(1, args.tokens // args.seq_len)
+    pos = torch.arange(args.seq_len)[None]
+    cos, sin = LlamaRotaryEmbedding(cfg)(torch.zeros(1, dtype=dtype), pos)
+    inputs = [(torch.randn(1, args.seq_len, args.hidden, dtype=dtype),
+               {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": None})
+              for _ in range(n_batches)]
+    recipe = validate_recipe({"stages": [{"method": "gptq", "bits": args.bits, "group_size": args.group_size}]})
+    stages = [METHODS["gptq"](recipe.stages[0])]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = run_blocks(blocks, "model.layers", inputs, stages, dev, torch.float16)
+    total = time.perf_counter() - t0
+
+    t = Table(title=f"GPTQ W{args.bits} g{args.group_size}, one block hidden {args.hidden} / "
+                    f"intermediate {args.intermediate}, {n_batches * args.seq_len} tokens, {dev}, "
+                    f"{torch.get_num_threads()} threads")
+    t.add_column("phase")
+    t.add_column("seconds", justify="right")
+    t.add_column("share", justify="right")
+    ph = result.phase_seconds
+    rows = [("calibration forward (excl. Hessian)", ph["stats_forward"] - ph["stats_accumulate"]),
+            ("Hessian accumulation", ph["stats_accumulate"]), ("GPTQ solve (+ rel. error)", ph["methods"]),
+            ("propagation forward", ph["propagate"])]
+    for name, s in rows:
+        t.add_row(name, f"{s:.2f}", f"{100 * s / total:.1f}%")
+    t.add_row("total", f"{total:.2f}", "100%")
+    Console().print(t)
+    print(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB" +
+          (f", peak CUDA {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if dev.type == "cuda" else ""))
+    for m in result.modules:
+        print(f"  {m.record.name:40s} {m.seconds:7.2f}s  rel_error {m.rel_error:.4f}")
+
+
+if __name__ == "__main__":
+    main()
