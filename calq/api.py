@@ -98,8 +98,10 @@ def _check_stages(recipe: Recipe, model) -> None:
             raise RecipeError(f"stages[{i}].targets: no module inside {prefix} matches {stage.targets} "
                               f"(ignore {stage.ignore})", "check targets and ignore")
         if hasattr(stage, "group_size"):
+            # adadim needs oc to divide; ic is only tried where it divides too (adadim.md pitfalls)
+            layout = "oc" if stage.layout == "adadim" else stage.layout
             for name, mod in targets.items():
-                args = QuantArgs(bits=stage.bits, group_size=stage.group_size, layout=stage.layout)
+                args = QuantArgs(bits=stage.bits, group_size=stage.group_size, layout=layout)
                 msg = check_divides(tuple(mod.weight.shape), args)
                 if msg:
                     raise RecipeError(f"stages[{i}].group_size: {msg} of {name}",
@@ -140,7 +142,7 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     stages = [METHODS[s.method](s) for s in recipe.stages]
     if progress:
         progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
-    result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress)
+    result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate)
     model.to("cpu")
     return result
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from calq.calibration.blocks import block_output, find_linears, matches, to_device
+from calq.calibration.units import UnitInputs
 from calq.errors import CalqError
 from calq.methods.base import Compressed
 from calq.methods.gptq import accumulate_hessian
@@ -86,6 +88,9 @@ class _Hessians:
         owner = self.owner[name]
         return self.H[owner], self.n[owner]
 
+    def shares_input(self, name: str) -> bool:
+        return sum(o == self.owner[name] for o in self.owner.values()) > 1
+
 
 def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     # ||X ΔWᵀ||² = (N/2)·tr(ΔW H ΔWᵀ) with H = 2/N XᵀX; the N/2 cancels in the ratio.
@@ -97,8 +102,13 @@ def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 
 @torch.no_grad()
 def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Method], device,
-               scale_dtype: torch.dtype, progress: Callable[[dict], None] | None = None) -> EngineResult:
-    """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU."""
+               scale_dtype: torch.dtype, progress: Callable[[dict], None] | None = None,
+               propagate: str = "quantized") -> EngineResult:
+    """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU.
+
+    propagate: "quantized" feeds each block the outputs of the compressed blocks before it (GPTQ);
+    "fp" feeds it the full-precision outputs (AdaDim's and AWQ's reference code).
+    """
     result = EngineResult()
     phases = result.phase_seconds
     t_start = time.time()
@@ -118,13 +128,18 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                       "methods": [s.name for s in stages], "elapsed": t_block - t_start})
         block.to(device)
         linears = find_linears(block, f"{prefix}.{i}")
+        fp_outs = None
         for method in stages:
             targets = stage_targets(linears, method.config)
             if not targets:
                 continue
             t0 = time.perf_counter()
-            with _Hessians(targets) as hess:
-                forward(block)
+            units = UnitInputs(block, f"{prefix}.{i}", targets)
+            with _Hessians(targets) as hess, (units if "unit" in method.needs else nullcontext()):
+                outs = forward(block)
+            if fp_outs is None:
+                fp_outs = [o.cpu() for o in outs]
+            del outs
             phases["stats_forward"] += time.perf_counter() - t0
             phases["stats_accumulate"] += hess.seconds
             for name, mod in targets.items():
@@ -132,14 +147,16 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
                 H, n = hess.of(name)
                 stats = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype}
+                if "unit" in method.needs:
+                    stats["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), H, device)
                 rec = method.apply(name, W, stats)
                 mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
                 result.modules.append(ModuleResult(rec, _rel_error(W, rec.W_hat, H), time.time() - t0, n))
                 phases["methods"] += time.time() - t0
-            del hess
-        # Propagate: the next block sees this block's outputs with compressed weights.
+            del hess, units
+        # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).
         t0 = time.perf_counter()
-        outs = forward(block)
+        outs = fp_outs if propagate == "fp" and fp_outs is not None else forward(block)
         phases["propagate"] += time.perf_counter() - t0
         for j, out in enumerate(outs):
             if not torch.isfinite(out).all():

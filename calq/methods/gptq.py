@@ -157,7 +157,7 @@ def _rtn_fallback(W: torch.Tensor, args: QuantArgs, damp: float) -> GPTQResult:
 from pydantic import Field, field_validator  # noqa: E402
 
 from calq.methods.base import Compressed  # noqa: E402
-from calq.methods.registry import Method, WeightQuantConfig, register  # noqa: E402
+from calq.methods.registry import WeightQuantConfig, register  # noqa: E402
 
 
 class GPTQConfig(WeightQuantConfig):
@@ -176,17 +176,21 @@ class GPTQConfig(WeightQuantConfig):
         raise ValueError(f"{v!r} is not supported; use static (or weight), or null to disable act-order")
 
 
+from calq.methods.rtn import WeightQuantMethod, resolve_layout  # noqa: E402
+
+
 @register("gptq")
-class GPTQ(Method):
+class GPTQ(WeightQuantMethod):
     Config = GPTQConfig
-    needs = ("hessian",)
+
+    @property
+    def needs(self):
+        return ("hessian", *super().needs)
 
     def apply(self, name, W, stats) -> Compressed:
-        from calq.methods.rtn import quant_args
-
         cfg = self.config
-        r = gptq_quantize(W, stats["hessian"], quant_args(cfg, stats["scale_dtype"]), cfg.block_size,
-                          cfg.dampening_frac, cfg.actorder)
-        info = {"damp": r.damp, "fallback_rtn": r.fallback}
-        return Compressed(name, "gptq", cfg.bits, cfg.layout, cfg.group_size, cfg.symmetric, r.codes, r.scale,
+        args, info = resolve_layout(cfg, W, stats)      # AdaDim decides with RTN; GPTQ runs once, in that layout
+        r = gptq_quantize(W, stats["hessian"], args, cfg.block_size, cfg.dampening_frac, cfg.actorder)
+        info.update(damp=r.damp, fallback_rtn=r.fallback)
+        return Compressed(name, "gptq", cfg.bits, args.layout, cfg.group_size, cfg.symmetric, r.codes, r.scale,
                           r.zero, r.W_hat, loss=None if r.fallback else r.loss, info=info)

@@ -2,7 +2,9 @@
 
 A method declares:
   - `Config`: its pydantic recipe keys (extra keys rejected);
-  - `needs`: the per-Linear statistics the engine must collect before `apply` (e.g. {"hessian"});
+  - `needs`: what the engine must provide per Linear before `apply`: "hessian" (H = 2/N XᵀX, always
+    collected since the report's rel_error uses it) and "unit" (a `unit_errors(candidates)` function scoring
+    candidate weights on the output of the Linear's evaluation unit, calibration/units.py);
   - `apply(name, W, stats) -> Compressed`: what it does to one Linear's weight W [OC, IC].
 The engine never branches on a method's name; everything it needs is in `needs`.
 """
@@ -18,15 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from calq.methods.base import Compressed
 
 METHODS: dict[str, type[Method]] = {}
-STATS = ("hessian",)  # statistics the engine knows how to collect
+STATS = ("hessian", "unit")  # what the engine knows how to provide
 
 
 def register(name: str):
     def wrap(cls):
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        if not set(cls.needs) <= set(STATS):
-            raise ValueError(f"method {name!r} needs unknown statistics {set(cls.needs) - set(STATS)}")
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -60,7 +60,7 @@ class WeightQuantConfig(StageConfig):
     bits: int = Field(4, ge=2, le=8)
     group_size: int = 128
     symmetric: bool = True
-    layout: Literal["oc", "ic"] = "oc"
+    layout: Literal["oc", "ic", "adadim"] = "oc"   # adadim: per Linear, whichever has the lower unit error
 
     @field_validator("group_size")
     @classmethod
@@ -77,6 +77,8 @@ class Method:
 
     def __init__(self, config: StageConfig):
         self.config = config
+        if not set(self.needs) <= set(STATS):
+            raise ValueError(f"method {self.name!r} needs {set(self.needs) - set(STATS)}, unknown to the engine")
 
     def apply(self, name: str, W: torch.Tensor, stats: dict) -> Compressed:
         raise NotImplementedError

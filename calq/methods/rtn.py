@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from calq.methods.adadim import choose_layout
 from calq.methods.base import Compressed
 from calq.methods.quantizer import QuantArgs, quantize_rtn
 from calq.methods.registry import Method, WeightQuantConfig, register
@@ -14,17 +17,34 @@ class RTNConfig(WeightQuantConfig):
 
 
 def quant_args(cfg: WeightQuantConfig, scale_dtype: torch.dtype) -> QuantArgs:
-    return QuantArgs(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, layout=cfg.layout,
+    # "adadim" is decided per Linear; until then the layout is the usual one.
+    layout = "oc" if cfg.layout == "adadim" else cfg.layout
+    return QuantArgs(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, layout=layout,
                      scale_dtype=scale_dtype)
 
 
+def resolve_layout(cfg: WeightQuantConfig, W: torch.Tensor, stats: dict) -> tuple[QuantArgs, dict]:
+    """The QuantArgs for this Linear (AdaDim picks its layout here) and what to record about the choice."""
+    args = quant_args(cfg, stats["scale_dtype"])
+    if cfg.layout != "adadim":
+        return args, {}
+    layout, info = choose_layout(W, args, stats["unit_errors"])
+    return replace(args, layout=layout), {"adadim": info}
+
+
+class WeightQuantMethod(Method):
+    @property
+    def needs(self):
+        return ("unit",) if self.config.layout == "adadim" else ()
+
+
 @register("rtn")
-class RTN(Method):
+class RTN(WeightQuantMethod):
     Config = RTNConfig
-    needs = ()
 
     def apply(self, name, W, stats) -> Compressed:
         cfg = self.config
-        codes, scale, zero, W_hat = quantize_rtn(W, quant_args(cfg, stats["scale_dtype"]))
-        return Compressed(name, "rtn", cfg.bits, cfg.layout, cfg.group_size, cfg.symmetric,
-                          codes, scale, zero, W_hat)
+        args, info = resolve_layout(cfg, W, stats)
+        codes, scale, zero, W_hat = quantize_rtn(W, args)
+        return Compressed(name, "rtn", cfg.bits, args.layout, cfg.group_size, cfg.symmetric,
+                          codes, scale, zero, W_hat, info=info)

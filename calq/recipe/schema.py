@@ -37,6 +37,9 @@ class Calibration(_Strict):
     seq_len: int = Field(512, ge=8)
     seed: int = 0
     batch_size: int = Field(8, ge=1)
+    # What the next block is fed: the compressed blocks' outputs (GPTQ) or the full-precision ones
+    # (AdaDim's and AWQ's reference code).
+    propagate: Literal["quantized", "fp"] = "quantized"
 
     _spec = field_validator("dataset")(classmethod(lambda cls, v: _check_spec(v)))
 

@@ -74,6 +74,46 @@ def test_checkpoint_reload_reproduces_logits(tmp_path, eval_windows):
     assert (hf - mem).abs().max().item() < HF_RELOAD_RTOL * scale
 
 
+def test_mixed_layout_checkpoint_reloads_identically(tmp_path, eval_windows):
+    """AdaDim mixes per-OC (CT `group`) and per-IC (CT `block`) modules: several config groups in one file."""
+    from transformers import AutoModelForCausalLM
+
+    ids = eval_windows[:2]
+    model, tok, dtype = load_model("zoo:llama")
+    result = compress_model(model, tok, _recipe("rtn", 3, layout="adadim"), torch.device("cpu"), dtype)
+    layouts = {m.record.layout for m in result.modules}
+    assert layouts == {"oc", "ic"}, layouts
+    for m in result.modules:
+        info = m.record.info["adadim"]
+        assert info["choice"] == m.record.layout
+        assert info["err_" + info["choice"]] <= info["err_" + ("ic" if info["choice"] == "oc" else "oc")]
+    with torch.no_grad():
+        mem = model(ids).logits
+    write_checkpoint(model.to(dtype), [m.record for m in result.modules], tmp_path, ["lm_head"])
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    strategies = {g["weights"]["strategy"] for g in cfg["config_groups"].values()}
+    assert strategies == {"group", "block"}
+    scale = mem.abs().max().item()
+    with torch.no_grad():
+        ours = calq.load(tmp_path)(ids).logits
+        # transformers' default (compressed) path: its dequantize=True path applies the first config group
+        # to every module (transformers 5.23), which breaks mixed checkpoints.
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits
+    assert (ours - mem).abs().max().item() < RELOAD_ATOL * scale
+    assert (hf - mem).abs().max().item() < HF_RELOAD_RTOL * scale
+
+
+def test_gptq_per_ic_lowers_layer_error_versus_rtn_per_ic():
+    errs = {}
+    for method in ("rtn", "gptq"):
+        model, tok, dtype = load_model("zoo:llama")
+        res = compress_model(model, tok, _recipe(method, 3, layout="ic"), torch.device("cpu"), dtype)
+        assert {m.record.layout for m in res.modules} == {"ic"}
+        errs[method] = {m.record.name: m.rel_error for m in res.modules}
+    assert all(errs["gptq"][n] < errs["rtn"][n] for n in errs["rtn"]), errs
+
+
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
