@@ -55,8 +55,8 @@ def _is_calq_checkpoint(path: Path) -> bool:
     return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, original dtype) for a zoo name, local directory or hub id; model on CPU."""
+def load_model(ref: str, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
+    """(model, tokenizer or None, original dtype) for a zoo name, local directory or hub id; model on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -71,7 +71,7 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32):
             model = load_checkpoint(local, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load model {ref}: {str(e).splitlines()[0]}",
                          "give a local model directory, zoo:llama, or a hub id while online") from None
@@ -215,7 +215,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             device=str(dev), timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
             peak_rss_bytes=peak_rss_bytes(),
             peak_cuda_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
-            bits_per_weight=8 * q_bytes / max(1, n_weights), checkpoint_bytes=stats["checkpoint_bytes"],
+            skipped_modules=result.skipped, bits_per_weight=8 * q_bytes / max(1, n_weights),
+            checkpoint_bytes=stats["checkpoint_bytes"],
             dense_bytes=stats["dense_bytes"], quantized_weights=n_weights, evaluation=evals,
             evaluation_protocol=PROTOCOL,
             modules=[ModuleRecord(name=m.record.name, method=m.record.method, bits=m.record.bits,
@@ -282,4 +283,4 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """A calq checkpoint (or any dense HF folder / zoo name) as a ready transformers model on CPU."""
-    return load_model(str(path), dtype)[0]
+    return load_model(str(path), dtype, with_tokenizer=False)[0]

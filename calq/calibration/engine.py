@@ -36,6 +36,7 @@ class ModuleResult:
 class EngineResult:
     modules: list[ModuleResult] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)   # targets left as they were, with the reason
     # seconds in: calibration forwards (hooks included), statistics inside hooks, methods, propagation
     phase_seconds: dict = field(default_factory=lambda: {"stats_forward": 0.0, "stats_accumulate": 0.0,
                                                          "methods": 0.0, "propagate": 0.0})
@@ -143,6 +144,11 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             phases["stats_forward"] += time.perf_counter() - t0
             phases["stats_accumulate"] += hess.seconds
             for name, mod in targets.items():
+                if name not in hess.owner:
+                    # e.g. Mamba's dt_proj: the model reads .weight directly, so no input is ever seen
+                    result.skipped.append({"name": name, "reason": "its forward is never called, so no "
+                                           "calibration inputs were seen; left unquantized"})
+                    continue
                 t0 = time.time()
                 W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
                 H, n = hess.of(name)

@@ -56,6 +56,7 @@ class Report(BaseModel):
     evaluation: list[EvalResult] = Field(default_factory=list)
     evaluation_protocol: str = ""
     modules: list[ModuleRecord] = Field(default_factory=list)
+    skipped_modules: list[dict] = Field(default_factory=list)   # targets left unquantized, with the reason
     expect: dict | None = None         # the recipe's bounds and whether each held
 
 

@@ -33,6 +33,9 @@ def render_markdown(data: dict, out_dir: Path) -> None:
         for k, v in data["expect"].items():
             lines.append(f"- {k}: bound {v['bound']}, got {v['value']:.4f} — {'ok' if v['ok'] else 'FAILED'}")
         lines.append("")
+    if data.get("skipped_modules"):
+        lines += ["## Skipped modules", ""] + [f"- {m['name']}: {m['reason']}" for m in data["skipped_modules"]]
+        lines.append("")
     if data["modules"]:
         if _plot(data, out_dir / "layer_errors.png"):
             lines += ["![relative output error per layer](layer_errors.png)", ""]
