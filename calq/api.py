@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears
+from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
 from calq.calibration.engine import run_blocks, stage_targets
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
@@ -55,8 +55,11 @@ def _is_calq_checkpoint(path: Path) -> bool:
     return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
-    """(model, tokenizer or None, original dtype) for a zoo name, local directory or hub id; model on CPU."""
+def load_model(ref: str, dtype: torch.dtype | None = torch.float32, with_tokenizer: bool = True):
+    """(model, tokenizer or None, original dtype) for a zoo name, local directory or hub id; model on CPU.
+
+    dtype None keeps the checkpoint's own dtype (what compression does: blocks are upcast one at a time).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -68,9 +71,9 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, with_tokenizer: boo
         if local.is_dir() and _is_calq_checkpoint(local):
             from calq.export.reader import load_checkpoint
 
-            model = load_checkpoint(local, dtype=dtype)
+            model = load_checkpoint(local, dtype=dtype or torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load model {ref}: {str(e).splitlines()[0]}",
@@ -127,22 +130,31 @@ def _eval_all(model, tokenizer, recipe: Recipe, device, windows_cache: dict) -> 
     return out
 
 
+def compute_dtype(device: torch.device, store_dtype: torch.dtype) -> torch.dtype:
+    # CPUs have no fast fp16 matmul and bf16 loses too much for Hessians' inputs: fp32. Accelerators: as stored.
+    return torch.float32 if device.type == "cpu" else store_dtype
+
+
 def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.dtype = torch.float16,
-                   progress: Progress | None = None):
-    """Calibrate and compress `model` in place (weights end on CPU). Returns the engine's per-module results."""
+                   progress: Progress | None = None, rest_dtype: torch.dtype | None = None):
+    """Calibrate and compress `model` in place (blocks end on CPU in rest_dtype, default their own dtype).
+
+    Returns the engine's per-module results.
+    """
     cal = recipe.calibration
     torch.manual_seed(cal.seed)
     ids = calibration_windows(load_text(cal.dataset, "calibration"), tokenizer, cal.num_samples, cal.seq_len,
                               cal.seed)
     batches = list(ids.split(cal.batch_size))
     prefix, blocks = find_blocks(model)
-    model.to(device)            # everything but the blocks stays on the device; blocks visit one at a time
-    blocks.to("cpu")
+    dtype = compute_dtype(device, store_dtype)
+    move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU and visit the device one at a time
     inputs = capture_block_inputs(model, blocks[0], batches, device)
     stages = [METHODS[s.method](s) for s in recipe.stages]
     if progress:
         progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
-    result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate)
+    result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
+                        rest_dtype)
     model.to("cpu")
     return result
 
@@ -168,7 +180,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
     try:
         timings: dict = {}
         t = time.time()
-        model_, tokenizer, store_dtype = load_model(recipe.model)
+        model_, tokenizer, _ = load_model(recipe.model, dtype=None)
+        store_dtype = next(model_.parameters()).dtype
         _check_stages(recipe, model_)
         timings["load"] = time.time() - t
 
@@ -177,8 +190,9 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         if evaluate:
             t = time.time()
             emit({"event": "phase", "name": "dense evaluation"})
-            baseline = _eval_all(model_.to(dev), tokenizer, recipe, dev, windows_cache)
-            model_.to("cpu")
+            baseline = _eval_all(model_.to(dev, compute_dtype(dev, store_dtype)), tokenizer, recipe, dev,
+                                 windows_cache)
+            model_.to("cpu", store_dtype)
             timings["baseline_evaluation"] = time.time() - t
 
         t = time.time()

@@ -52,6 +52,17 @@ def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
     return False
 
 
+def move_outside_blocks(module: nn.Module, blocks: nn.ModuleList, device, dtype) -> None:
+    """Move every submodule except the block list (embeddings, norms, rotary tables, lm_head)."""
+    for child in module.children():
+        if child is blocks:
+            continue
+        if any(m is blocks for m in child.modules()):
+            move_outside_blocks(child, blocks, device, dtype)
+        else:
+            child.to(device, dtype)
+
+
 class _Stop(Exception):
     pass
 

@@ -104,11 +104,14 @@ def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 @torch.no_grad()
 def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Method], device,
                scale_dtype: torch.dtype, progress: Callable[[dict], None] | None = None,
-               propagate: str = "quantized") -> EngineResult:
+               propagate: str = "quantized", compute_dtype: torch.dtype = torch.float32,
+               rest_dtype: torch.dtype | None = None) -> EngineResult:
     """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU.
 
     propagate: "quantized" feeds each block the outputs of the compressed blocks before it (GPTQ);
     "fp" feeds it the full-precision outputs (AdaDim's and AWQ's reference code).
+    A block is computed in compute_dtype on the device and rests in rest_dtype (its own dtype if None) on
+    CPU, so only one block is ever upcast.
     """
     result = EngineResult()
     phases = result.phase_seconds
@@ -127,7 +130,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         if progress:
             progress({"event": "block_start", "index": i, "total": len(blocks),
                       "methods": [s.name for s in stages], "elapsed": t_block - t_start})
-        block.to(device)
+        rest = rest_dtype or next(block.parameters()).dtype
+        block.to(device, compute_dtype)
         linears = find_linears(block, f"{prefix}.{i}")
         fp_outs = None
         for method in stages:
@@ -157,7 +161,9 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                     stats["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), H, device)
                 rec = method.apply(name, W, stats)
                 mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
-                result.modules.append(ModuleResult(rec, _rel_error(W, rec.W_hat, H), time.time() - t0, n))
+                err = _rel_error(W, rec.W_hat, H)
+                rec.W_hat = None        # the model holds it now; export needs only codes and scales
+                result.modules.append(ModuleResult(rec, err, time.time() - t0, n))
                 phases["methods"] += time.time() - t0
             del hess, units
         # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).
@@ -169,7 +175,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 raise CalqError(f"non-finite outputs from block {i} ({prefix}.{i}) after compression",
                                 "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
             inputs[j] = (out.cpu(), inputs[j][1])
-        block.to("cpu")
+        block.to("cpu", rest)
         result.block_seconds.append(time.time() - t_block)
         if progress:
             progress({"event": "block_end", "index": i, "total": len(blocks), "tokens": n_tokens,

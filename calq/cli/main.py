@@ -47,11 +47,13 @@ def _run(fn, *args, **kwargs):
             raise
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
-    except MemoryError:
-        if _state["debug"]:
+    except Exception as e:
+        # MemoryError on the host; torch.OutOfMemoryError (a RuntimeError) on an accelerator.
+        if _state["debug"] or not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"):
             raise
-        err_console.print("[bold red]error:[/] out of memory — use fewer --num-samples, a smaller --seq-len, "
-                          "or a smaller calibration batch_size", soft_wrap=True)
+        where = "host memory" if isinstance(e, MemoryError) else "accelerator memory"
+        err_console.print(f"[bold red]error:[/] out of {where} — use fewer --num-samples, a smaller --seq-len, "
+                          "a smaller calibration batch_size, or --device cpu", soft_wrap=True)
         raise typer.Exit(2) from None
 
 

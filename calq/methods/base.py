@@ -20,6 +20,6 @@ class Compressed:
     codes: torch.Tensor             # int8 [OC, IC], signed
     scale: torch.Tensor             # fp32 holding scale_dtype values; [OC, G] ("oc") or [G, IC] ("ic")
     zero: torch.Tensor | None       # same shape as scale, integer-valued; None if symmetric
-    W_hat: torch.Tensor             # fp32 [OC, IC] dequantized weight, put back into the model
+    W_hat: torch.Tensor | None      # fp32 [OC, IC] dequantized weight; the engine puts it into the model, then drops it
     loss: float | None = None       # method's own objective (GPTQ: sum of squared weighted error)
     info: dict = field(default_factory=dict)  # method notes for the report (damping used, fallback, ...)

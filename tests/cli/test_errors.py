@@ -99,3 +99,14 @@ def test_unknown_target_and_unsupported_device(tmp_path, tiny_llama_dir):
 @pytest.mark.parametrize("args", [["--version"], ["recipes", "list"], ["zoo", "list"]])
 def test_informational_commands_succeed(args):
     assert runner.invoke(app, args).exit_code == 0
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory")])
+def test_out_of_memory_is_one_line(monkeypatch, tmp_path, exc):
+    import calq.api
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(calq.api, "compress", boom)
+    _fails(["compress", "quickstart", "-o", str(tmp_path / "o")], "out of")
