@@ -16,7 +16,16 @@ from calq.calibration.data import calibration_windows, evaluation_windows, load_
 from calq.calibration.engine import run_blocks, stage_targets
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
 from calq.eval.perplexity import perplexity
-from calq.eval.report import EvalResult, ModuleRecord, Report, peak_rss_bytes, versions, write_report
+from calq.eval.report import (
+    AdapterRecord,
+    EvalResult,
+    ModuleRecord,
+    Report,
+    peak_rss_bytes,
+    versions,
+    write_report,
+)
+from calq.export.peft import ADAPTER_DIR, write_adapter
 from calq.methods import METHODS
 from calq.methods.quantizer import QuantArgs, check_divides
 from calq.recipe.load import dump_recipe, load_recipe, merge_overrides
@@ -205,6 +214,10 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         records = [m.record for m in result.modules]
         ignore = sorted({i for s in recipe.stages for i in s.ignore if not i.startswith("re:")})
         stats = write_checkpoint(model_.to(store_dtype), records, tmp, ignore)
+        adapter_bytes = 0
+        if result.adapters:
+            adapter_bytes = write_adapter([a.adapter for a in result.adapters], tmp / ADAPTER_DIR, recipe.model,
+                                          store_dtype)
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         timings["write"] = time.time() - t
@@ -230,6 +243,11 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             peak_rss_bytes=peak_rss_bytes(),
             peak_cuda_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
             skipped_modules=result.skipped, bits_per_weight=8 * q_bytes / max(1, n_weights),
+            adapter_bytes=adapter_bytes,
+            bits_per_weight_with_adapters=8 * (q_bytes + adapter_bytes) / max(1, n_weights),
+            adapters=[AdapterRecord(name=a.adapter.name, method=a.adapter.method, rank=a.adapter.rank,
+                                    rel_error_before=a.rel_error_before, rel_error_after=a.rel_error_after,
+                                    info=a.adapter.info) for a in result.adapters],
             checkpoint_bytes=stats["checkpoint_bytes"],
             dense_bytes=stats["dense_bytes"], quantized_weights=n_weights, evaluation=evals,
             evaluation_protocol=PROTOCOL,

@@ -19,7 +19,7 @@ from torch import nn
 from calq.calibration.blocks import block_output, find_linears, matches, to_device
 from calq.calibration.units import UnitInputs
 from calq.errors import CalqError
-from calq.methods.base import Compressed
+from calq.methods.base import Adapter, Compressed
 from calq.methods.gptq import accumulate_hessian
 from calq.methods.registry import Method
 
@@ -33,8 +33,16 @@ class ModuleResult:
 
 
 @dataclass
+class AdapterResult:
+    adapter: Adapter
+    rel_error_before: float     # of the compressed weight against the original, on calibration inputs
+    rel_error_after: float      # of compressed + B·A
+
+
+@dataclass
 class EngineResult:
     modules: list[ModuleResult] = field(default_factory=list)
+    adapters: list[AdapterResult] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)   # targets left as they were, with the reason
     # seconds in: calibration forwards (hooks included), statistics inside hooks, methods, propagation
@@ -53,6 +61,7 @@ class _Hessians:
         self.targets = targets
         self.owner: dict[str, str] = {}        # module -> module whose accumulator it shares
         self.H: dict[str, torch.Tensor] = {}
+        self.absmean: dict[str, torch.Tensor] = {}       # running mean |x| per input channel
         self.n: dict[str, int] = {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
         self._handles = []
@@ -76,7 +85,11 @@ class _Hessians:
             if not torch.isfinite(X).all():
                 raise CalqError(f"non-finite calibration activations entering {name}",
                                 "check the model in fp32, or calibrate with other data")
-            self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), X, self.n.get(name, 0))
+            n_old = self.n.get(name, 0)
+            a = X.abs().sum(0)
+            self.absmean[name] = a / X.shape[0] if n_old == 0 else \
+                self.absmean[name] * (n_old / (n_old + X.shape[0])) + a / (n_old + X.shape[0])
+            self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), X, n_old)
             self.seconds += time.perf_counter() - t0
         return hook
 
@@ -88,6 +101,9 @@ class _Hessians:
     def of(self, name: str) -> tuple[torch.Tensor, int]:
         owner = self.owner[name]
         return self.H[owner], self.n[owner]
+
+    def absmean_of(self, name: str) -> torch.Tensor:
+        return self.absmean[self.owner[name]]
 
     def shares_input(self, name: str) -> bool:
         return sum(o == self.owner[name] for o in self.owner.values()) > 1
@@ -133,6 +149,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         rest = rest_dtype or next(block.parameters()).dtype
         block.to(device, compute_dtype)
         linears = find_linears(block, f"{prefix}.{i}")
+        originals = {n: m.weight.data.float().clone() for n, m in linears.items()} \
+            if any("original_weight" in s.needs for s in stages) else {}
         fp_outs = None
         for method in stages:
             targets = stage_targets(linears, method.config)
@@ -156,16 +174,25 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 t0 = time.time()
                 W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
                 H, n = hess.of(name)
-                stats = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype}
+                stats = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
+                         "input_absmean": hess.absmean_of(name), "original_weight": originals.get(name)}
                 if "unit" in method.needs:
                     stats["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), H, device)
                 rec = method.apply(name, W, stats)
+                if isinstance(rec, Adapter):
+                    W_new = W + rec.B @ rec.A
+                    mod.weight.data.copy_(W_new.to(mod.weight.dtype))
+                    W0 = originals[name]
+                    result.adapters.append(AdapterResult(rec, _rel_error(W0, W, H), _rel_error(W0, W_new, H)))
+                    phases["methods"] += time.time() - t0
+                    continue
                 mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
                 err = _rel_error(W, rec.W_hat, H)
                 rec.W_hat = None        # the model holds it now; export needs only codes and scales
                 result.modules.append(ModuleResult(rec, err, time.time() - t0, n))
                 phases["methods"] += time.time() - t0
             del hess, units
+        del originals
         # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).
         t0 = time.perf_counter()
         outs = fp_outs if propagate == "fp" and fp_outs is not None else forward(block)

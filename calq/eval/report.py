@@ -35,6 +35,15 @@ class ModuleRecord(BaseModel):
     info: dict = Field(default_factory=dict)
 
 
+class AdapterRecord(BaseModel):
+    name: str
+    method: str
+    rank: int
+    rel_error_before: float            # compressed weight vs original, on calibration inputs
+    rel_error_after: float             # compressed + B·A vs original
+    info: dict = Field(default_factory=dict)
+
+
 class Report(BaseModel):
     calq_version: str
     python: str
@@ -57,6 +66,9 @@ class Report(BaseModel):
     evaluation_protocol: str = ""
     modules: list[ModuleRecord] = Field(default_factory=list)
     skipped_modules: list[dict] = Field(default_factory=list)   # targets left unquantized, with the reason
+    adapters: list[AdapterRecord] = Field(default_factory=list)  # low-rank compensation (adapter/ folder)
+    adapter_bytes: int = 0
+    bits_per_weight_with_adapters: float | None = None
     expect: dict | None = None         # the recipe's bounds and whether each held
 
 

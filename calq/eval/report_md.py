@@ -33,6 +33,16 @@ def render_markdown(data: dict, out_dir: Path) -> None:
         for k, v in data["expect"].items():
             lines.append(f"- {k}: bound {v['bound']}, got {v['value']:.4f} — {'ok' if v['ok'] else 'FAILED'}")
         lines.append("")
+    if data.get("adapters"):
+        ad = data["adapters"]
+        lines += ["## Low-rank compensation", "",
+                  f"{len(ad)} adapters ({ad[0]['method']}, {ad[0]['info'].get('basis', '')}), "
+                  f"{_mib(data['adapter_bytes'])}; bits per weight with adapters: "
+                  f"{data['bits_per_weight_with_adapters']:.3f}", "",
+                  "| module | rank | rel. error before | after |", "|---|---|---|---|"]
+        lines += [f"| {a['name']} | {a['rank']} | {a['rel_error_before']:.4f} | {a['rel_error_after']:.4f} |"
+                  for a in ad]
+        lines.append("")
     if data.get("skipped_modules"):
         lines += ["## Skipped modules", ""] + [f"- {m['name']}: {m['reason']}" for m in data["skipped_modules"]]
         lines.append("")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from calq.export.ct import ct_dequantize
+from calq.export.peft import ADAPTER_DIR, merge_adapter
 from calq.export.writer import tied_output_key
 
 _PACKED = ".weight_packed"
@@ -67,4 +68,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device="cpu"
         raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, strict=False)  # at most the tied output embedding is absent, checked above
+    adapter = path / ADAPTER_DIR
+    if (adapter / "adapter_config.json").is_file():
+        merge_adapter(model, adapter)             # low-rank compensation (EoRA) saved next to the base
     return model.to(device).eval()

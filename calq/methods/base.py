@@ -23,3 +23,18 @@ class Compressed:
     W_hat: torch.Tensor | None      # fp32 [OC, IC] dequantized weight; the engine puts it into the model, then drops it
     loss: float | None = None       # method's own objective (GPTQ: sum of squared weighted error)
     info: dict = field(default_factory=dict)  # method notes for the report (damping used, fallback, ...)
+
+
+@dataclass
+class Adapter:
+    """A low-rank side path for one Linear: y = x Ŵᵀ + (x Aᵀ) Bᵀ. Exported as a PEFT LoRA adapter."""
+
+    name: str
+    method: str
+    A: torch.Tensor                 # fp32 [r, IC]
+    B: torch.Tensor                 # fp32 [OC, r]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]

@@ -17,10 +17,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from calq.methods.base import Compressed
+from calq.methods.base import Adapter, Compressed
 
 METHODS: dict[str, type[Method]] = {}
-STATS = ("hessian", "unit")  # what the engine knows how to provide
+# What the engine knows how to provide. "original_weight": the Linear's weight before any stage touched it;
+# "input_absmean": mean |x| per input channel [IC].
+STATS = ("hessian", "unit", "original_weight", "input_absmean")
 
 
 def register(name: str):
@@ -72,6 +74,7 @@ class WeightQuantConfig(StageConfig):
 
 class Method:
     name: str = ""
+    compensates: bool = False   # needs an earlier stage that compressed the same Linears (EoRA)
     Config: type[StageConfig] = StageConfig
     needs: tuple[str, ...] = ()
 
@@ -80,5 +83,7 @@ class Method:
         if not set(self.needs) <= set(STATS):
             raise ValueError(f"method {self.name!r} needs {set(self.needs) - set(STATS)}, unknown to the engine")
 
-    def apply(self, name: str, W: torch.Tensor, stats: dict) -> Compressed:
+    def apply(self, name: str, W: torch.Tensor, stats: dict) -> Compressed | Adapter:
+        """W is the Linear's current weight [OC, IC] (fp32 copy). A `Compressed` replaces it; an `Adapter`
+        is added next to it (the engine puts W + B·A into the model for the blocks that follow)."""
         raise NotImplementedError

@@ -94,6 +94,9 @@ class Recipe(_Strict):
             except ValidationError as e:
                 err = e.errors()[0]
                 raise _StageError(i, _path(err["loc"]), _message(err)) from None
+            if METHODS[method].compensates and i == 0:
+                raise _StageError(i, "method", f"{method} compensates an earlier compression stage; "
+                                  "put a quantization stage (rtn, gptq) before it")
         return out
 
 

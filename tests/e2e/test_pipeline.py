@@ -133,3 +133,40 @@ def test_bundled_recipe_runs_and_meets_expect(recipe, tmp_path):
     # real packing: codes take bits/16 of fp16, plus one fp16 scale per 128 weights
     assert report.bits_per_weight == pytest.approx(bits + 16 / 128, abs=0.02)
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_eora_adapter_loads_in_peft_and_matches_calq(tmp_path, eval_windows):
+    """GPTQ W3 + EoRA: the adapter folder loads with PEFT over transformers' CT model, same logits as calq.load."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    recipe = validate_recipe({"model": "zoo:llama", "calibration": CALIB,
+                              "stages": [{"method": "gptq", "bits": 3, "group_size": 128},
+                                         {"method": "eora", "rank": 8}],
+                              "evaluation": {"datasets": ["stdlib:test"], "seq_len": 512, "max_windows": 4}})
+    report = calq.compress(recipe, tmp_path / "out")
+    assert len(report.adapters) == len(report.modules)
+    assert all(a.rel_error_after < a.rel_error_before for a in report.adapters)
+    ids = eval_windows[:2]
+    with torch.no_grad():
+        ours = calq.load(tmp_path / "out")(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "out", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+        without = base(ids).logits
+        peft = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")(ids).logits
+    scale = ours.abs().max().item()
+    assert (without - ours).abs().max().item() > 1e-3 * scale      # the adapter changes the model
+    assert (peft - ours).abs().max().item() < HF_RELOAD_RTOL * scale
+
+
+def test_eora_orders_layer_errors_against_svd():
+    errs = {}
+    for basis in ("svd", "eora"):
+        model, tok, dtype = load_model("zoo:llama")
+        recipe = validate_recipe({"model": "zoo:llama", "calibration": CALIB,
+                                  "stages": [{"method": "gptq", "bits": 3, "group_size": 128},
+                                             {"method": "eora", "rank": 8, "basis": basis}]})
+        res = compress_model(model, tok, recipe, torch.device("cpu"), dtype)
+        errs[basis] = {a.adapter.name: a.rel_error_after for a in res.adapters}
+    # EoRA is the exact minimiser of the output error on its calibration inputs, module by module.
+    assert all(errs["eora"][n] <= errs["svd"][n] * 1.001 for n in errs["eora"]), errs

@@ -26,6 +26,9 @@ def _with(**stage):
     ({"model": "zoo:llama", "stages": []}, "stages: List should have at least 1 item"),
     ({"model": "zoo:llama", "stages": [{"bits": 4}]}, "stages[0].method: each stage needs a `method:`"),
     ([1, 2], "a recipe must be a YAML mapping"),
+    ({"model": "zoo:llama", "stages": [{"method": "eora"}]}, "stages[0].method: eora compensates an earlier"),
+    ({"model": "zoo:llama", "stages": [{"method": "rtn"}, {"method": "eora", "basis": "pca"}]},
+     "stages[1].basis: Input should be 'eora', 'svd' or 'act-s'"),
 ])
 def test_errors_name_the_field(data, message):
     with pytest.raises(RecipeError) as e:

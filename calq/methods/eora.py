@@ -1,0 +1,86 @@
+"""EoRA: eigenspace low-rank compensation of a compressed Linear (shared/methods/eora.md).
+
+Given the original W and the compressed Ŵ (both [OC, IC]) and the input second moment C ∝ XᵀX, find the
+rank-r B [OC, r], A [r, IC] minimising ‖(ΔW − BA) Xᵀ‖_F with ΔW = W − Ŵ: rotate ΔW into C's eigenbasis scaled
+by √λ, truncate its SVD there, and rotate back. Baselines in the same stage:
+  svd    S = I: plain SVD of ΔW (ZeroQuant-V2's LoRC), spends rank on weight error
+  act-s  S = diag(mean |x_j|): activation-scaled SVD (the paper's ACT-S)
+Eigenvalues below λ_max · min(1, IC · eps_fp32) are dropped (both √λ and 1/√λ set to 0), as GPTQModel
+does, so C⁻¹ is never formed on near-null directions. eigh in fp64, ΔW and the SVD in fp32.
+The layer is then y = x Ŵᵀ + (x Aᵀ) Bᵀ; as a PEFT LoRA adapter lora_alpha = r (scaling 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BASES = ("eora", "svd", "act-s")
+
+
+def eigen_sqrt(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S⁺) with S = Q·diag(√λ), S⁺ = diag(1/√λ)·Qᵀ over kept eigenmodes of C [IC, IC]; fp32."""
+    if not torch.isfinite(C).all():
+        raise ValueError("the input covariance has non-finite entries")
+    lam, Q = torch.linalg.eigh(C.double())                        # ascending λ
+    cutoff = lam.max().clamp_min(0) * min(1.0, C.shape[0] * torch.finfo(torch.float32).eps)
+    keep = lam > cutoff
+    s = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+    s_inv = torch.where(keep, 1 / lam.clamp_min(1e-300).sqrt(), torch.zeros_like(lam))
+    return (Q * s[None, :]).float(), (s_inv[:, None] * Q.t()).float()
+
+
+def low_rank_compensation(W: torch.Tensor, W_hat: torch.Tensor, rank: int, basis: str = "eora",
+                          C: torch.Tensor | None = None, absmean: torch.Tensor | None = None):
+    """(B [OC, r], A [r, IC], sigma) for ΔW = W − Ŵ. r is clamped to min(OC, IC); sigma: all singular values
+    of the weighted ΔW, so the residual error of any rank can be read off (Eckart–Young)."""
+    dW = W.float() - W_hat.float()                                 # [OC, IC]; the difference in fp32
+    OC, IC = dW.shape
+    r = min(rank, OC, IC)
+    if basis == "eora":
+        S, S_inv = eigen_sqrt(C)
+    elif basis == "act-s":
+        a = absmean.float().clamp_min(torch.finfo(torch.float32).tiny)
+        S, S_inv = torch.diag(a), torch.diag(1 / a)
+    elif basis == "svd":
+        S = S_inv = None
+    else:
+        raise ValueError(f"unknown basis {basis!r}; use one of {BASES}")
+    dW_s = dW if S is None else dW @ S                             # [OC, IC] in the weighted space
+    U, sigma, Vh = torch.linalg.svd(dW_s, full_matrices=False)
+    root = sigma[:r].sqrt()                                        # √Σ split evenly between B and A
+    B = U[:, :r] * root[None, :]                                   # [OC, r]
+    A = root[:, None] * (Vh[:r] if S_inv is None else Vh[:r] @ S_inv)  # [r, IC]
+    return B, A, sigma
+
+
+# --- the recipe stage -------------------------------------------------------------------------------------
+
+import re  # noqa: E402
+from typing import Literal  # noqa: E402
+
+from pydantic import Field  # noqa: E402
+
+from calq.methods.base import Adapter  # noqa: E402
+from calq.methods.registry import Method, StageConfig, register  # noqa: E402
+
+
+class EoRAConfig(StageConfig):
+    rank: int = Field(16, ge=1)
+    rank_pattern: dict[str, int] = Field(default_factory=dict)   # regex (re.match on the module path) -> rank
+    basis: Literal["eora", "svd", "act-s"] = "eora"
+
+
+@register("eora")
+class EoRA(Method):
+    """Compensates the compression done by the stages before it, Linear by Linear, block by block."""
+
+    Config = EoRAConfig
+    needs = ("hessian", "original_weight", "input_absmean")
+    compensates = True
+
+    def apply(self, name, W_hat, stats) -> Adapter:
+        cfg = self.config
+        rank = next((r for pat, r in cfg.rank_pattern.items() if re.match(pat, name)), cfg.rank)
+        B, A, sigma = low_rank_compensation(stats["original_weight"], W_hat, rank, cfg.basis, stats["hessian"],
+                                            stats["input_absmean"])
+        return Adapter(name, "eora", A, B, info={"basis": cfg.basis, "rank": A.shape[0], "requested_rank": rank})

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from calq.methods.eora import eigen_sqrt, low_rank_compensation
+
+# fp32 SVD/eigh residuals against the Eckart–Young bound: relative rounding only.
+EY_RTOL = 1e-4
+
+
+def _setup(N=2048, OC=48, IC=64, seed=0):
+    torch.manual_seed(seed)
+    X = (torch.randn(N, IC) @ torch.randn(IC, IC)) * torch.linspace(0.1, 3, IC)   # [N, IC], correlated
+    W = torch.randn(OC, IC)
+    W_hat = W + 0.1 * torch.randn(OC, IC)
+    return X, W, W_hat, X.t() @ X
+
+
+def _out_err(X, W, W_hat, B, A):
+    return float(((W - W_hat - B @ A) @ X.t()).norm())
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_eora_reaches_the_eckart_young_bound(rank):
+    X, W, W_hat, C = _setup()
+    B, A, sigma = low_rank_compensation(W, W_hat, rank, "eora", C)
+    bound = float(sigma[rank:].pow(2).sum().sqrt())
+    assert _out_err(X, W, W_hat, B, A) == pytest.approx(bound, rel=EY_RTOL)
+    assert B.shape == (48, rank) and A.shape == (rank, 64)
+
+
+def test_eora_beats_baselines_beats_nothing():
+    X, W, W_hat, C = _setup()
+    errs = {b: _out_err(X, W, W_hat, *low_rank_compensation(W, W_hat, 8, b, C, X.abs().mean(0))[:2])
+            for b in ("eora", "act-s", "svd")}
+    none = float(((W - W_hat) @ X.t()).norm())
+    assert errs["eora"] < errs["act-s"] < none and errs["eora"] < errs["svd"] < none, (errs, none)
+
+
+def test_rank_above_min_dim_is_clamped_and_exact():
+    _, W, W_hat, _ = _setup(OC=16, IC=24)
+    X = torch.randn(4096, 24)                                # well conditioned: the cutoff keeps every mode
+    B, A, _ = low_rank_compensation(W, W_hat, 100, "eora", X.t() @ X)
+    assert A.shape[0] == 16
+    assert torch.allclose(W_hat + B @ A, W, atol=1e-4)      # full rank on a full-rank C restores W
+
+
+def test_rank_deficient_and_zero_covariance():
+    X, W, W_hat, _ = _setup(N=10)                            # 10 tokens: C has rank 10 < IC
+    C = X.t() @ X
+    S, S_inv = eigen_sqrt(C)
+    assert torch.isfinite(S_inv).all() and int((S.norm(dim=0) > 0).sum()) == 10
+    B, A, sigma = low_rank_compensation(W, W_hat, 4, "eora", C)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    assert _out_err(X, W, W_hat, B, A) == pytest.approx(float(sigma[4:].pow(2).sum().sqrt()), rel=EY_RTOL)
+    B0, A0, _ = low_rank_compensation(W, W_hat, 4, "eora", torch.zeros(64, 64))
+    assert not B0.any() and not A0.any()                    # nothing excited: nothing to compensate
+
+
+def test_non_finite_covariance_is_an_error():
+    _, W, W_hat, C = _setup()
+    C[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        low_rank_compensation(W, W_hat, 4, "eora", C)
