@@ -27,7 +27,6 @@ from calq.eval.report import (
 )
 from calq.export.peft import ADAPTER_DIR, write_adapter
 from calq.methods import METHODS
-from calq.methods.quantizer import QuantArgs, check_divides
 from calq.recipe.load import dump_recipe, load_recipe, merge_overrides
 from calq.recipe.schema import Recipe, validate_recipe
 from calq.zoo import resolve_model
@@ -61,7 +60,8 @@ def _is_calq_checkpoint(path: Path) -> bool:
     import json
 
     cfg = path / "config.json"
-    return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+    return cfg.is_file() and ("quantization_config" in json.loads(cfg.read_text())
+                              or (path / ADAPTER_DIR / "adapter_config.json").is_file())
 
 
 def load_model(ref: str, dtype: torch.dtype | None = torch.float32, with_tokenizer: bool = True):
@@ -109,15 +109,13 @@ def _check_stages(recipe: Recipe, model) -> None:
         if not targets:
             raise RecipeError(f"stages[{i}].targets: no module inside {prefix} matches {stage.targets} "
                               f"(ignore {stage.ignore})", "check targets and ignore")
-        if hasattr(stage, "group_size"):
-            # adadim needs oc to divide; ic is only tried where it divides too (adadim.md pitfalls)
-            layout = "oc" if stage.layout == "adadim" else stage.layout
-            for name, mod in targets.items():
-                args = QuantArgs(bits=stage.bits, group_size=stage.group_size, layout=layout)
-                msg = check_divides(tuple(mod.weight.shape), args)
-                if msg:
-                    raise RecipeError(f"stages[{i}].group_size: {msg} of {name}",
-                                      "pick a group size that divides it, or -1 for one group per channel")
+        method = METHODS[stage.method](stage)
+        for name, mod in targets.items():
+            problem = method.check_shape(tuple(mod.weight.shape))
+            if problem:
+                key, msg = problem
+                raise RecipeError(f"stages[{i}].{key}: {msg} of {name}",
+                                  "pick a value that divides it (group_size -1 means one group per channel)")
 
 
 def _prepare_output(output: Path, overwrite: bool) -> Path:
@@ -214,6 +212,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         records = [m.record for m in result.modules]
         ignore = sorted({i for s in recipe.stages for i in s.ignore if not i.startswith("re:")})
         stats = write_checkpoint(model_.to(store_dtype), records, tmp, ignore)
+        stats["dense_sizes"] = {n: m.weight.numel() for n, m in model_.named_modules()
+                                if isinstance(m, torch.nn.Linear)}
         adapter_bytes = 0
         if result.adapters:
             adapter_bytes = write_adapter([a.adapter for a in result.adapters], tmp / ADAPTER_DIR, recipe.model,
@@ -234,17 +234,22 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                                 baseline_ppl=baseline[s][1]) for s, (n, p) in after.items()]
             timings["evaluation"] = time.time() - t
 
-        n_weights = sum(m.record.codes.numel() for m in result.modules)
-        q_bytes = sum(stats["modules"][m.record.name]["bytes"] for m in result.modules)
+        # Over every Linear a stage replaced: packed bytes where quantized, fp16 where only pruned.
+        quantized = {m.record.name for m in result.modules}
+        dense_only = [m for m in result.replaced if m.record.name not in quantized]
+        n_weights = sum(m.record.codes.numel() for m in result.modules) + \
+            sum(stats["dense_sizes"][m.record.name] for m in dense_only)
+        q_bytes = sum(stats["modules"][m.record.name]["bytes"] for m in result.modules) + \
+            sum(2 * stats["dense_sizes"][m.record.name] for m in dense_only)
         timings["total"] = time.time() - t0
         report = Report(
             **versions(), model=recipe.model, recipe=recipe.model_dump(mode="json"), seed=recipe.calibration.seed,
             device=str(dev), timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
             peak_rss_bytes=peak_rss_bytes(),
             peak_cuda_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
-            skipped_modules=result.skipped, bits_per_weight=8 * q_bytes / max(1, n_weights),
+            skipped_modules=result.skipped, bits_per_weight=8 * q_bytes / n_weights if n_weights else 16.0,
             adapter_bytes=adapter_bytes,
-            bits_per_weight_with_adapters=8 * (q_bytes + adapter_bytes) / max(1, n_weights),
+            bits_per_weight_with_adapters=8 * (q_bytes + adapter_bytes) / n_weights if n_weights else None,
             adapters=[AdapterRecord(name=a.adapter.name, method=a.adapter.method, rank=a.adapter.rank,
                                     rel_error_before=a.rel_error_before, rel_error_after=a.rel_error_after,
                                     info=a.adapter.info) for a in result.adapters],
@@ -256,7 +261,11 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                                   symmetric=m.record.symmetric, rel_error=m.rel_error,
                                   bits_per_weight=stats["modules"][m.record.name]["bits_per_weight"],
                                   bytes=stats["modules"][m.record.name]["bytes"], seconds=round(m.seconds, 4),
-                                  tokens=m.tokens, info=m.record.info) for m in result.modules])
+                                  tokens=m.tokens, info=m.record.info) for m in result.modules]
+            + [ModuleRecord(name=m.record.name, method=m.record.method, bits=16, layout="dense", group_size=-1,
+                            symmetric=False, rel_error=m.rel_error, bits_per_weight=16.0, bytes=0,
+                            seconds=round(m.seconds, 4), tokens=m.tokens, info=m.record.info)
+               for m in result.replaced])
         report.expect = _check_expect(recipe, report)
         write_report(report, tmp)
         if output.exists():

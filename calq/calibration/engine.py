@@ -16,17 +16,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from calq.calibration.adapters import attach_adapter
 from calq.calibration.blocks import block_output, find_linears, matches, to_device
 from calq.calibration.units import UnitInputs
 from calq.errors import CalqError
-from calq.methods.base import Adapter, Compressed
+from calq.methods.base import Adapter, Compressed, Replaced
 from calq.methods.gptq import accumulate_hessian
 from calq.methods.registry import Method
 
 
 @dataclass
 class ModuleResult:
-    record: Compressed
+    record: Compressed | Replaced
     rel_error: float            # ||X(W - W_hat)ᵀ|| / ||X Wᵀ|| on the calibration inputs of this module
     seconds: float
     tokens: int
@@ -43,6 +44,7 @@ class AdapterResult:
 class EngineResult:
     modules: list[ModuleResult] = field(default_factory=list)
     adapters: list[AdapterResult] = field(default_factory=list)
+    replaced: list[ModuleResult] = field(default_factory=list)   # dense replacements (pruning)
     block_seconds: list[float] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)   # targets left as they were, with the reason
     # seconds in: calibration forwards (hooks included), statistics inside hooks, methods, propagation
@@ -57,8 +59,11 @@ def stage_targets(linears: dict[str, nn.Linear], stage) -> dict[str, nn.Linear]:
 class _Hessians:
     """One running XᵀX per distinct input: Linears fed the same tensor (q/k/v, gate/up) share it."""
 
-    def __init__(self, targets: dict[str, nn.Linear]):
+    def __init__(self, targets: dict[str, nn.Linear], sample_covariance: bool = False):
         self.targets = targets
+        self.want_cov = sample_covariance
+        self.cov: dict[str, torch.Tensor] = {}           # Σ_s X̃_sᵀX̃_s, X̃_s = X_s / |max X_s| (CorDA)
+        self.samples: dict[str, int] = {}
         self.owner: dict[str, str] = {}        # module -> module whose accumulator it shares
         self.H: dict[str, torch.Tensor] = {}
         self.absmean: dict[str, torch.Tensor] = {}       # running mean |x| per input channel
@@ -81,6 +86,12 @@ class _Hessians:
             if self.owner[name] != name:
                 return
             t0 = time.perf_counter()
+            if self.want_cov:
+                Xs = X.detach().float().reshape(X.shape[0], -1, X.shape[-1])      # [B, T, IC]
+                Xs = Xs / Xs.amax(dim=(1, 2), keepdim=True).abs()                # per sample, signed max (spec)
+                c = torch.einsum("bti,btj->ij", Xs, Xs)
+                self.cov[name] = c if name not in self.cov else self.cov[name] + c
+                self.samples[name] = self.samples.get(name, 0) + Xs.shape[0]
             X = X.detach().reshape(-1, X.shape[-1]).float()       # [N, IC]
             if not torch.isfinite(X).all():
                 raise CalqError(f"non-finite calibration activations entering {name}",
@@ -104,6 +115,10 @@ class _Hessians:
 
     def absmean_of(self, name: str) -> torch.Tensor:
         return self.absmean[self.owner[name]]
+
+    def covariance_of(self, name: str) -> torch.Tensor | None:
+        owner = self.owner[name]
+        return self.cov[owner] / self.samples[owner] if owner in self.cov else None
 
     def shares_input(self, name: str) -> bool:
         return sum(o == self.owner[name] for o in self.owner.values()) > 1
@@ -149,8 +164,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         rest = rest_dtype or next(block.parameters()).dtype
         block.to(device, compute_dtype)
         linears = find_linears(block, f"{prefix}.{i}")
-        originals = {n: m.weight.data.float().clone() for n, m in linears.items()} \
-            if any("original_weight" in s.needs for s in stages) else {}
+        # one block's weights before any stage: what "original_weight" and the adapters' errors refer to
+        originals = {n: m.weight.data.float().clone() for n, m in linears.items()}
         fp_outs = None
         for method in stages:
             targets = stage_targets(linears, method.config)
@@ -158,7 +173,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 continue
             t0 = time.perf_counter()
             units = UnitInputs(block, f"{prefix}.{i}", targets)
-            with _Hessians(targets) as hess, (units if "unit" in method.needs else nullcontext()):
+            hess = _Hessians(targets, "sample_covariance" in method.needs)
+            with hess, (units if "unit" in method.needs else nullcontext()):
                 outs = forward(block)
             if fp_outs is None:
                 fp_outs = [o.cpu() for o in outs]
@@ -175,15 +191,25 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
                 H, n = hess.of(name)
                 stats = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
-                         "input_absmean": hess.absmean_of(name), "original_weight": originals.get(name)}
+                         "input_absmean": hess.absmean_of(name), "original_weight": originals.get(name),
+                         "sample_covariance": hess.covariance_of(name)}
                 if "unit" in method.needs:
                     stats["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), H, device)
                 rec = method.apply(name, W, stats)
                 if isinstance(rec, Adapter):
-                    W_new = W + rec.B @ rec.A
-                    mod.weight.data.copy_(W_new.to(mod.weight.dtype))
+                    base = W if rec.W_base is None else rec.W_base
+                    mod.weight.data.copy_(base.to(mod.weight.dtype))
+                    attach_adapter(mod, rec.A, rec.B)
                     W0 = originals[name]
-                    result.adapters.append(AdapterResult(rec, _rel_error(W0, W, H), _rel_error(W0, W_new, H)))
+                    result.adapters.append(AdapterResult(rec, _rel_error(W0, base, H),
+                                                         _rel_error(W0, base + rec.B @ rec.A, H)))
+                    rec.W_base = None
+                    phases["methods"] += time.time() - t0
+                    continue
+                if isinstance(rec, Replaced):
+                    mod.weight.data.copy_(rec.W_new.to(mod.weight.dtype))
+                    result.replaced.append(ModuleResult(rec, _rel_error(W, rec.W_new, H), time.time() - t0, n))
+                    rec.W_new = None
                     phases["methods"] += time.time() - t0
                     continue
                 mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))

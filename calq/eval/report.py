@@ -58,7 +58,7 @@ class Report(BaseModel):
     timings: dict                      # total, load, calibration, compress, write, evaluation; per_block
     peak_rss_bytes: int
     peak_cuda_bytes: int | None = None
-    bits_per_weight: float             # codes + scales + zeros over the quantized Linears
+    bits_per_weight: float             # codes + scales + zeros over the compressed Linears (16 if none)
     checkpoint_bytes: int
     dense_bytes: int
     quantized_weights: int             # number of weights in quantized Linears

@@ -37,8 +37,9 @@ def render_markdown(data: dict, out_dir: Path) -> None:
         ad = data["adapters"]
         lines += ["## Low-rank compensation", "",
                   f"{len(ad)} adapters ({ad[0]['method']}, {ad[0]['info'].get('basis', '')}), "
-                  f"{_mib(data['adapter_bytes'])}; bits per weight with adapters: "
-                  f"{data['bits_per_weight_with_adapters']:.3f}", "",
+                  f"{_mib(data['adapter_bytes'])}"
+                  + (f"; bits per weight with adapters: {data['bits_per_weight_with_adapters']:.3f}"
+                     if data.get("bits_per_weight_with_adapters") else ""), "",
                   "| module | rank | rel. error before | after |", "|---|---|---|---|"]
         lines += [f"| {a['name']} | {a['rank']} | {a['rel_error_before']:.4f} | {a['rel_error_after']:.4f} |"
                   for a in ad]

@@ -34,7 +34,18 @@ class Adapter:
     A: torch.Tensor                 # fp32 [r, IC]
     B: torch.Tensor                 # fp32 [OC, r]
     info: dict = field(default_factory=dict)
+    W_base: torch.Tensor | None = None   # a new base weight (CorDA's residual W − B·A); None keeps the current one
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+
+@dataclass
+class Replaced:
+    """A Linear's weight replaced by another dense weight (pruning). Stored as it is, unpacked."""
+
+    name: str
+    method: str
+    W_new: torch.Tensor             # fp32 [OC, IC]
+    info: dict = field(default_factory=dict)

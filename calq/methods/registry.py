@@ -17,12 +17,13 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from calq.methods.base import Adapter, Compressed
+from calq.methods.base import Adapter, Compressed, Replaced
 
 METHODS: dict[str, type[Method]] = {}
 # What the engine knows how to provide. "original_weight": the Linear's weight before any stage touched it;
 # "input_absmean": mean |x| per input channel [IC].
-STATS = ("hessian", "unit", "original_weight", "input_absmean")
+# "sample_covariance": Σ_s X̃_sᵀX̃_s / #samples with X̃_s = X_s / |max X_s| per calibration sample (CorDA).
+STATS = ("hessian", "unit", "original_weight", "input_absmean", "sample_covariance")
 
 
 def register(name: str):
@@ -83,7 +84,11 @@ class Method:
         if not set(self.needs) <= set(STATS):
             raise ValueError(f"method {self.name!r} needs {set(self.needs) - set(STATS)}, unknown to the engine")
 
-    def apply(self, name: str, W: torch.Tensor, stats: dict) -> Compressed | Adapter:
+    def check_shape(self, shape: tuple[int, int]) -> tuple[str, str] | None:
+        """(recipe key, problem) if this stage's settings cannot apply to a Linear of shape [OC, IC], else None."""
+        return None
+
+    def apply(self, name: str, W: torch.Tensor, stats: dict) -> Compressed | Adapter | Replaced:
         """W is the Linear's current weight [OC, IC] (fp32 copy). A `Compressed` replaces it; an `Adapter`
-        is added next to it (the engine puts W + B·A into the model for the blocks that follow)."""
+        is added next to it (as a side path for the blocks that follow); `Replaced` swaps in a dense weight."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ import torch
 
 from calq.methods.adadim import choose_layout
 from calq.methods.base import Compressed
-from calq.methods.quantizer import QuantArgs, quantize_rtn
+from calq.methods.quantizer import QuantArgs, check_divides, quantize_rtn
 from calq.methods.registry import Method, WeightQuantConfig, register
 
 
@@ -36,6 +36,11 @@ class WeightQuantMethod(Method):
     @property
     def needs(self):
         return ("unit",) if self.config.layout == "adadim" else ()
+
+    def check_shape(self, shape):
+        # adadim needs oc to divide; ic is only tried where it divides too (adadim.md pitfalls)
+        msg = check_divides(shape, quant_args(self.config, torch.float16))
+        return ("group_size", msg) if msg else None
 
 
 @register("rtn")

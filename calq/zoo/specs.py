@@ -33,7 +33,7 @@ ZOO = {
         name="mamba", arch="MambaForCausalLM",
         config=dict(vocab_size=VOCAB_SIZE, hidden_size=256, state_size=16, num_hidden_layers=4, expand=2,
                     conv_kernel=4, tie_word_embeddings=True),
-        steps=450, batch_size=8, lr=2e-3,
+        steps=250, batch_size=8, lr=3e-3,
         notes=["trained with calq.zoo.scan.chunked_selective_scan; evaluated with transformers' scan"]),
     "mamba2": ZooSpec(
         name="mamba2", arch="Mamba2ForCausalLM",
