@@ -249,6 +249,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             peak_cuda_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
             skipped_modules=result.skipped, bits_per_weight=8 * q_bytes / n_weights if n_weights else 16.0,
             adapter_bytes=adapter_bytes,
+            adapter_packed_bytes=sum(a.adapter.info["packed_bytes"] for a in result.adapters)
+            if result.adapters and "packed_bytes" in result.adapters[0].adapter.info else None,
             bits_per_weight_with_adapters=8 * (q_bytes + adapter_bytes) / n_weights if n_weights else None,
             adapters=[AdapterRecord(name=a.adapter.name, method=a.adapter.method, rank=a.adapter.rank,
                                     rel_error_before=a.rel_error_before, rel_error_after=a.rel_error_after,

@@ -67,7 +67,8 @@ class Report(BaseModel):
     modules: list[ModuleRecord] = Field(default_factory=list)
     skipped_modules: list[dict] = Field(default_factory=list)   # targets left unquantized, with the reason
     adapters: list[AdapterRecord] = Field(default_factory=list)  # low-rank compensation (adapter/ folder)
-    adapter_bytes: int = 0
+    adapter_bytes: int = 0                       # as stored (PEFT, model dtype)
+    adapter_packed_bytes: int | None = None      # if A/B were quantized (adapter_bits): their packed size
     bits_per_weight_with_adapters: float | None = None
     expect: dict | None = None         # the recipe's bounds and whether each held
 

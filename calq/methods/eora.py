@@ -5,6 +5,8 @@ rank-r B [OC, r], A [r, IC] minimising ‖(ΔW − BA) Xᵀ‖_F with ΔW = W �
 by √λ, truncate its SVD there, and rotate back. Baselines in the same stage:
   svd    S = I: plain SVD of ΔW (ZeroQuant-V2's LoRC), spends rank on weight error
   act-s  S = diag(mean |x_j|): activation-scaled SVD (the paper's ACT-S)
+  corda  S = C_f (damped C, CorDA's weighting; corda.md "Compensating an already-compressed Ŵ"): close to,
+         not at, the optimum, since C over-weights high-variance directions
 Eigenvalues below λ_max · min(1, IC · eps_fp32) are dropped (both √λ and 1/√λ set to 0), as GPTQModel
 does, so C⁻¹ is never formed on near-null directions. eigh in fp64, ΔW and the SVD in fp32.
 The layer is then y = x Ŵᵀ + (x Aᵀ) Bᵀ; as a PEFT LoRA adapter lora_alpha = r (scaling 1).
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-BASES = ("eora", "svd", "act-s")
+BASES = ("eora", "svd", "act-s", "corda")
 
 
 def eigen_sqrt(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +45,10 @@ def low_rank_compensation(W: torch.Tensor, W_hat: torch.Tensor, rank: int, basis
         S, S_inv = torch.diag(a), torch.diag(1 / a)
     elif basis == "svd":
         S = S_inv = None
+    elif basis == "corda":
+        from calq.methods.corda import damped_inverse
+
+        S, S_inv, _ = damped_inverse(C)
     else:
         raise ValueError(f"unknown basis {basis!r}; use one of {BASES}")
     dW_s = dW if S is None else dW @ S                             # [OC, IC] in the weighted space
@@ -61,13 +67,17 @@ from typing import Literal  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from calq.methods.base import Adapter  # noqa: E402
+from calq.methods.quantizer import QuantArgs, quantize_rtn  # noqa: E402
 from calq.methods.registry import Method, StageConfig, register  # noqa: E402
 
 
 class EoRAConfig(StageConfig):
     rank: int = Field(16, ge=1)
     rank_pattern: dict[str, int] = Field(default_factory=dict)   # regex (re.match on the module path) -> rank
-    basis: Literal["eora", "svd", "act-s"] = "eora"
+    basis: Literal["eora", "svd", "act-s", "corda"] = "eora"
+    # Round A and B to this many bits (RTN, symmetric, one scale per row), as the paper's --lowrank_wbits.
+    # PEFT has no integer LoRA format: they are stored dequantized; the report gives their packed size too.
+    adapter_bits: int | None = Field(None, ge=2, le=8)
 
 
 @register("eora")
@@ -83,4 +93,11 @@ class EoRA(Method):
         rank = next((r for pat, r in cfg.rank_pattern.items() if re.match(pat, name)), cfg.rank)
         B, A, sigma = low_rank_compensation(stats["original_weight"], W_hat, rank, cfg.basis, stats["hessian"],
                                             stats["input_absmean"])
-        return Adapter(name, "eora", A, B, info={"basis": cfg.basis, "rank": A.shape[0], "requested_rank": rank})
+        info = {"basis": cfg.basis, "rank": A.shape[0], "requested_rank": rank}
+        if cfg.adapter_bits:
+            args = QuantArgs(bits=cfg.adapter_bits, group_size=-1, scale_dtype=stats["scale_dtype"])
+            A, B = quantize_rtn(A, args)[3], quantize_rtn(B, args)[3]
+            # codes + one fp16 scale per row of A [r, IC] and of B [OC, r]
+            info["packed_bytes"] = (A.numel() + B.numel()) * cfg.adapter_bits // 8 + 2 * (A.shape[0] + B.shape[0])
+            info["adapter_bits"] = cfg.adapter_bits
+        return Adapter(name, "eora", A, B, info=info)

@@ -76,3 +76,17 @@ def test_gpt2_conv1d_is_a_clear_error(tmp_path, tokenizer):
                               "calibration": {"num_samples": 2, "seq_len": 16}})
     with pytest.raises(ModelError, match="Conv1D"):
         compress_model(model, tokenizer, recipe, torch.device("cpu"))
+
+
+def test_nan_in_calibration_activations_names_the_module(tmp_path, tokenizer):
+    from calq.errors import CalqError
+
+    path = _build("llama", tmp_path, tokenizer)
+    model, tok, dtype = calq.api.load_model(str(path))
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[3] = float("nan")
+    recipe = validate_recipe({"calibration": {"num_samples": 2, "seq_len": 16},
+                              "stages": [{"method": "gptq", "bits": 4, "group_size": 16},
+                                         {"method": "eora", "rank": 4}]})
+    with pytest.raises(CalqError, match=r"non-finite calibration activations entering model\.layers\.1\.self_attn"):
+        compress_model(model, tok, recipe, torch.device("cpu"), dtype)

@@ -61,3 +61,23 @@ def test_non_finite_covariance_is_an_error():
     C[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         low_rank_compensation(W, W_hat, 4, "eora", C)
+
+
+def test_corda_basis_is_close_to_but_not_better_than_eora():
+    X, W, W_hat, C = _setup()
+    err = {b: _out_err(X, W, W_hat, *low_rank_compensation(W, W_hat, 8, b, C)[:2]) for b in ("eora", "corda", "svd")}
+    assert err["eora"] <= err["corda"] < err["svd"], err
+
+
+def test_adapter_bits_round_a_and_b_on_the_grid():
+    from calq.methods.eora import EoRA, EoRAConfig
+
+    X, W, W_hat, C = _setup()
+    stage = EoRA(EoRAConfig(method="eora", rank=8, adapter_bits=4))
+    stats = {"original_weight": W, "hessian": C, "input_absmean": X.abs().mean(0), "scale_dtype": torch.float16}
+    ad = stage.apply("m", W_hat, stats)
+    for M in (ad.A, ad.B):                                    # 4-bit rows: at most 16 distinct values each
+        assert max(len(torch.unique(row)) for row in M) <= 16 < len(torch.unique(M))
+    assert ad.info["packed_bytes"] == (8 * 64 + 48 * 8) // 2 + 2 * (8 + 48)
+    full = _out_err(X, W, W_hat, *low_rank_compensation(W, W_hat, 8, "eora", C)[:2])
+    assert full < _out_err(X, W, W_hat, ad.B, ad.A) < float(((W - W_hat) @ X.t()).norm())
