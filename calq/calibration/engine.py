@@ -124,6 +124,25 @@ class _Hessians:
         return sum(o == self.owner[name] for o in self.owner.values()) > 1
 
 
+def _install(rec, mod: nn.Linear, W, H, W0, n: int, seconds: float, result: EngineResult) -> None:
+    """Put a method's result into the model and the run's records. W: the weight the method saw; W0: the
+    weight before any stage. Dense tensors are dropped from records once the model holds them."""
+    if isinstance(rec, Adapter):
+        base = W if rec.W_base is None else rec.W_base
+        mod.weight.data.copy_(base.to(mod.weight.dtype))
+        attach_adapter(mod, rec.A, rec.B)
+        result.adapters.append(AdapterResult(rec, _rel_error(W0, base, H), _rel_error(W0, base + rec.B @ rec.A, H)))
+        rec.W_base = None
+    elif isinstance(rec, Replaced):
+        mod.weight.data.copy_(rec.W_new.to(mod.weight.dtype))
+        result.replaced.append(ModuleResult(rec, _rel_error(W, rec.W_new, H), seconds, n))
+        rec.W_new = None
+    else:
+        mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
+        result.modules.append(ModuleResult(rec, _rel_error(W, rec.W_hat, H), seconds, n))
+        rec.W_hat = None        # export needs only codes and scales
+
+
 def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     # ||X ΔWᵀ||² = (N/2)·tr(ΔW H ΔWᵀ) with H = 2/N XᵀX; the N/2 cancels in the ratio.
     dW = W - W_hat
@@ -176,7 +195,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             hess = _Hessians(targets, "sample_covariance" in method.needs)
             with hess, (units if "unit" in method.needs else nullcontext()):
                 outs = forward(block)
-            if fp_outs is None:
+            if propagate == "fp" and fp_outs is None:
                 fp_outs = [o.cpu() for o in outs]
             del outs
             phases["stats_forward"] += time.perf_counter() - t0
@@ -191,31 +210,12 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
                 H, n = hess.of(name)
                 stats = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
-                         "input_absmean": hess.absmean_of(name), "original_weight": originals.get(name),
+                         "input_absmean": hess.absmean_of(name), "original_weight": originals[name],
                          "sample_covariance": hess.covariance_of(name)}
                 if "unit" in method.needs:
                     stats["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), H, device)
                 rec = method.apply(name, W, stats)
-                if isinstance(rec, Adapter):
-                    base = W if rec.W_base is None else rec.W_base
-                    mod.weight.data.copy_(base.to(mod.weight.dtype))
-                    attach_adapter(mod, rec.A, rec.B)
-                    W0 = originals[name]
-                    result.adapters.append(AdapterResult(rec, _rel_error(W0, base, H),
-                                                         _rel_error(W0, base + rec.B @ rec.A, H)))
-                    rec.W_base = None
-                    phases["methods"] += time.time() - t0
-                    continue
-                if isinstance(rec, Replaced):
-                    mod.weight.data.copy_(rec.W_new.to(mod.weight.dtype))
-                    result.replaced.append(ModuleResult(rec, _rel_error(W, rec.W_new, H), time.time() - t0, n))
-                    rec.W_new = None
-                    phases["methods"] += time.time() - t0
-                    continue
-                mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
-                err = _rel_error(W, rec.W_hat, H)
-                rec.W_hat = None        # the model holds it now; export needs only codes and scales
-                result.modules.append(ModuleResult(rec, err, time.time() - t0, n))
+                _install(rec, mod, W, H, originals[name], n, time.time() - t0, result)
                 phases["methods"] += time.time() - t0
             del hess, units
         del originals
