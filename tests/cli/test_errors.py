@@ -110,3 +110,15 @@ def test_out_of_memory_is_one_line(monkeypatch, tmp_path, exc):
 
     monkeypatch.setattr(calq.api, "compress", boom)
     _fails(["compress", "quickstart", "-o", str(tmp_path / "o")], "out of")
+
+
+def test_failed_expect_exits_3_and_keeps_the_checkpoint(tmp_path, tiny_llama_dir):
+    r = _recipe(tmp_path, str(tiny_llama_dir))
+    data = yaml.safe_load(r.read_text())
+    data["expect"] = {"max_bits_per_weight": 2.0}          # W4 g32 stores about 4.5 bits per weight
+    r.write_text(yaml.safe_dump(data))
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["compress", str(r), "-o", str(out), "--no-eval"])
+    assert res.exit_code == 3, res.output
+    assert "max_bits_per_weight" in " ".join(res.output.split())
+    assert (out / "report.json").is_file() and (out / "model.safetensors").is_file()
