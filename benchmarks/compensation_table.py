@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--max-windows", type=int, default=32)
+    ap.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES))
     args = ap.parse_args()
     _, tok, _ = load_model("zoo:llama")
     specs = ["stdlib:test"] + ([str(WIKI)] if WIKI.is_file() else [])
@@ -50,7 +51,8 @@ def main():
     print("| base | compensation | rank | " + " | ".join(f"ppl {n}" for n in names) + " | adapter overhead |")
     print("|---|---|---|" + "---|" * len(names) + "---|")
     print("| dense | - | - | " + " | ".join(f"{p:.3f}" for p in dense) + " | - |", flush=True)
-    for base, stage in BASES.items():
+    for base in args.bases:
+        stage = BASES[base]
         ppl, _, _ = score([stage])
         print(f"| {base} | none | - | " + " | ".join(f"{p:.3f}" for p in ppl) + " | 0 |", flush=True)
         for r in args.ranks:

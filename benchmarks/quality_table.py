@@ -21,6 +21,8 @@ WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.te
 GRIDS = {
     "core": [(m, b, "oc") for m in ("rtn", "gptq") for b in (4, 3, 2)],
     "layouts": [(m, b, lay) for b in (4, 3) for m in ("rtn", "gptq") for lay in ("oc", "ic", "adadim")],
+    "layouts-w4": [(m, 4, lay) for m in ("rtn", "gptq") for lay in ("oc", "ic", "adadim")],
+    "layouts-w3": [(m, 3, lay) for m in ("rtn", "gptq") for lay in ("oc", "ic", "adadim")],
 }
 
 
