@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +124,22 @@ class _Hessians:
         return sum(o == self.owner[name] for o in self.owner.values()) > 1
 
 
+@contextmanager
+def _weights(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor] | None):
+    """Temporarily give the block's Linears these weights (None: leave them)."""
+    if weights is None:
+        yield
+        return
+    saved = {n: m.weight.data.clone() for n, m in linears.items()}
+    try:
+        for n, m in linears.items():
+            m.weight.data.copy_(weights[n].to(m.weight.dtype))
+        yield
+    finally:
+        for n, m in linears.items():
+            m.weight.data.copy_(saved[n])
+
+
 def _install(rec, mod: nn.Linear, W, H, W0, n: int, seconds: float, result: EngineResult) -> None:
     """Put a method's result into the model and the run's records. W: the weight the method saw; W0: the
     weight before any stage. Dense tensors are dropped from records once the model holds them."""
@@ -193,7 +209,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             t0 = time.perf_counter()
             units = UnitInputs(block, f"{prefix}.{i}", targets)
             hess = _Hessians(targets, "sample_covariance" in method.needs)
-            with hess, (units if "unit" in method.needs else nullcontext()):
+            with hess, (units if "unit" in method.needs else nullcontext()), \
+                    _weights(linears, originals if method.calibrate_on == "original" else None):
                 outs = forward(block)
             if propagate == "fp" and fp_outs is None:
                 fp_outs = [o.cpu() for o in outs]

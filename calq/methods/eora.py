@@ -87,6 +87,7 @@ class EoRA(Method):
     Config = EoRAConfig
     needs = ("hessian", "original_weight", "input_absmean")
     compensates = True
+    calibrate_on = "original"
 
     def apply(self, name, W_hat, stats) -> Adapter:
         cfg = self.config

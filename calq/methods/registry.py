@@ -76,6 +76,9 @@ class WeightQuantConfig(StageConfig):
 class Method:
     name: str = ""
     compensates: bool = False   # needs an earlier stage that compressed the same Linears (EoRA)
+    # Whose inputs the statistics describe: the block as the earlier stages left it ("current"), or the block
+    # with its original weights ("original": EoRA's reference code calibrates the uncompressed block).
+    calibrate_on: str = "current"
     Config: type[StageConfig] = StageConfig
     needs: tuple[str, ...] = ()
 
