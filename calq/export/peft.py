@@ -36,9 +36,7 @@ def write_adapter(adapters: list[Adapter], out_dir: Path, base_model: str, dtype
               "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
               "target_modules": sorted(a.name for a in adapters), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-              "inference_mode": True, "modules_to_save": None,
-              "calq": {"methods": sorted({a.method for a in adapters}),
-                       "bases": sorted({a.info.get("basis", "") for a in adapters})}}
+              "inference_mode": True, "modules_to_save": None}
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -28,7 +28,7 @@ def _with(**stage):
     ([1, 2], "a recipe must be a YAML mapping"),
     ({"model": "zoo:llama", "stages": [{"method": "eora"}]}, "stages[0].method: eora compensates an earlier"),
     ({"model": "zoo:llama", "stages": [{"method": "rtn"}, {"method": "eora", "basis": "pca"}]},
-     "stages[1].basis: Input should be 'eora', 'svd' or 'act-s'"),
+     "stages[1].basis: Input should be 'eora', 'svd', 'act-s' or 'corda'"),
 ])
 def test_errors_name_the_field(data, message):
     with pytest.raises(RecipeError) as e:
