@@ -327,3 +327,10 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """A calq checkpoint (or any dense HF folder / zoo name) as a ready transformers model on CPU."""
     return load_model(str(path), dtype, with_tokenizer=False)[0]
+
+
+def inspect(path: str | Path) -> list[dict]:
+    """Per module of a calq checkpoint: method, bits, layout, group size, bits/weight, bytes."""
+    from calq.export.inspect import inspect_checkpoint
+
+    return inspect_checkpoint(path)

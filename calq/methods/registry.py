@@ -2,11 +2,13 @@
 
 A method declares:
   - `Config`: its pydantic recipe keys (extra keys rejected);
-  - `needs`: what the engine must provide per Linear before `apply`: "hessian" (H = 2/N XᵀX, always
-    collected since the report's rel_error uses it) and "unit" (a `unit_errors(candidates)` function scoring
-    candidate weights on the output of the Linear's evaluation unit, calibration/units.py);
-  - `apply(name, W, stats) -> Compressed`: what it does to one Linear's weight W [OC, IC].
-The engine never branches on a method's name; everything it needs is in `needs`.
+  - `needs`: what the engine must provide per Linear before `apply` (STATS below; "hessian", H = 2/N XᵀX, is
+    always collected since the report's rel_error uses it; "unit" is a `unit_errors(candidates)` function
+    scoring candidate weights on the Linear's evaluation unit, calibration/units.py);
+  - `apply(name, W, stats)`: what it does to one Linear's weight W [OC, IC], returned as a `Compressed`
+    (packed codes), an `Adapter` (low-rank side path) or a `Replaced` (dense weight);
+  - optionally `check_shape`, `compensates` and `calibrate_on` (below).
+The engine never branches on a method's name; everything it needs is declared here.
 """
 
 from __future__ import annotations

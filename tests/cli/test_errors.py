@@ -122,3 +122,7 @@ def test_failed_expect_exits_3_and_keeps_the_checkpoint(tmp_path, tiny_llama_dir
     assert res.exit_code == 3, res.output
     assert "max_bits_per_weight" in " ".join(res.output.split())
     assert (out / "report.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_inspect_of_a_dense_model_is_a_clear_error(tiny_llama_dir):
+    _fails(["inspect", str(tiny_llama_dir)], "holds a dense model")

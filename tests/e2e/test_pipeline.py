@@ -134,6 +134,14 @@ def test_bundled_recipe_runs_and_meets_expect(recipe, tmp_path):
     if quant and not any(st["method"] == "prune" for st in data["recipe"]["stages"]):
         # real packing: codes take bits/16 of fp16, plus one fp16 scale per 128 weights
         assert report.bits_per_weight == pytest.approx(quant[0]["bits"] + 16 / 128, abs=0.02)
+    if quant:                                          # `calq inspect` reads the same facts from the files alone
+        rows = {r["name"]: r for r in calq.inspect(out)}
+        assert set(rows) == {m.name for m in report.modules}
+        for m in report.modules:
+            r = rows[m.name]
+            assert (r["bits"], r["layout"], r["method"]) == (m.bits, m.layout, m.method)
+            assert r["bits_per_weight"] == pytest.approx(m.bits_per_weight, rel=1e-6)
+            assert (r["note"] != "") == (m.layout == "ic")     # vLLM has no kernel for per-IC (CT block)
     if any(st["method"] in ("eora", "corda") for st in data["recipe"]["stages"]):
         assert (out / "adapter" / "adapter_model.safetensors").is_file() and report.adapters
     assert not list(tmp_path.glob(".out.tmp-*"))
