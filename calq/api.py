@@ -13,7 +13,7 @@ import torch
 
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
-from calq.calibration.engine import run_blocks, stage_targets
+from calq.calibration.engine import PrepareContext, run_blocks, stage_targets
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
 from calq.eval.perplexity import perplexity
 from calq.eval.report import (
@@ -154,19 +154,23 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     ids = calibration_windows(load_text(cal.dataset, "calibration"), tokenizer, cal.num_samples, cal.seq_len,
                               cal.seed)
     batches = list(ids.split(cal.batch_size))
+    dtype = compute_dtype(device, store_dtype)
+
+    def run(model, stages):
+        prefix, blocks = find_blocks(model)
+        move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU, visit the device one at a time
+        inputs = capture_block_inputs(model, blocks[0], batches, device)
+        if progress:
+            progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
+        result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
+                            rest_dtype)
+        model.to("cpu")
+        return result
+
     stages = [METHODS[s.method](s) for s in recipe.stages]
     for method in stages:
-        method.prepare(model)            # exact model-level transforms (e.g. rotations) before calibration
-    prefix, blocks = find_blocks(model)
-    dtype = compute_dtype(device, store_dtype)
-    move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU and visit the device one at a time
-    inputs = capture_block_inputs(model, blocks[0], batches, device)
-    if progress:
-        progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
-    result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
-                        rest_dtype)
-    model.to("cpu")
-    return result
+        method.prepare(model, PrepareContext(ids, device, cal.seed, run, progress))
+    return run(model, stages)
 
 
 def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | None = None,

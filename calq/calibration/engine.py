@@ -197,6 +197,17 @@ class BlockContext:
                 for h, kw in (self.inputs if inputs is None else inputs)]
 
 
+@dataclass
+class PrepareContext:
+    """What a method's model-level `prepare` gets: the calibration token windows and the engine itself."""
+
+    ids: torch.Tensor                   # [N, T] calibration token ids
+    device: torch.device
+    seed: int
+    compress: Callable                  # compress(model, stages) runs the same block loop on another model
+    progress: Callable[[dict], None] | None = None
+
+
 def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     # ||X ΔWᵀ||² = (N/2)·tr(ΔW H ΔWᵀ) with H = 2/N XᵀX; the N/2 cancels in the ratio.
     dW = W - W_hat

@@ -100,8 +100,9 @@ class Method:
         """(recipe key, problem) if this stage's settings cannot apply to a Linear of shape [OC, IC], else None."""
         return None
 
-    def prepare(self, model) -> None:
-        """Exact model-level transforms before calibration starts (default: none)."""
+    def prepare(self, model, ctx) -> None:
+        """Model-level work before the block loop (default: none): exact transforms such as norm folding and
+        rotations, or a first compression pass (PTQ1.61's preprocessing). ctx: engine.PrepareContext."""
 
     def apply_block(self, ctx) -> list[Compressed | Adapter | Replaced | Packed]:
         """scope "block": compress the block in ctx (calibration/engine.py BlockContext)."""
