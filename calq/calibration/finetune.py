@@ -53,7 +53,7 @@ def train_lora(model: nn.Module, ids: torch.Tensor, targets: list[str], *, rank:
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(loss.detach().item())
                 if progress and (step + 1) % max(1, steps // 10) == 0:
                     progress({"event": "lora", "step": step + 1, "total": steps, "loss": losses[-1]})
     finally:

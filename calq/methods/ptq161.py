@@ -211,7 +211,7 @@ class PTQ161(Method):
                         steps += 1
                         if ctx.progress and steps % max(1, total // 10) == 0:
                             ctx.progress({"event": "train", "index": ctx.index, "step": steps, "total": total,
-                                          "loss": float(loss)})
+                                          "loss": loss.detach().item()})
         finally:
             block.to(dtype)
             for p, g in frozen:
