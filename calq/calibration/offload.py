@@ -65,7 +65,9 @@ def empty_model(config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()     # accelerate's meta parameters come untied from the constructor
+    return model.eval()
 
 
 def is_loaded(block: nn.Module) -> bool:
