@@ -86,13 +86,15 @@ class ShardedWriter:
         self.dense_bytes = 0
         self.modules: dict[str, dict] = {}
         self.total_size = 0
+        self.shards = 0
 
     def add(self, state: dict[str, torch.Tensor], records: list[Compressed], tied: str | None = None) -> None:
         """Write one shard: `state` keyed as in the model's state dict, `records` the quantized modules in it."""
-        if len(set(self.weight_map.values())) == self.n_shards:
+        if self.shards == self.n_shards:
             raise ValueError(f"all {self.n_shards} shards are written already")
         tensors, dense_bytes, modules = _stored(state, records, self.dtype, tied)
-        name = f"model-{len(set(self.weight_map.values())) + 1:05d}-of-{self.n_shards:05d}.safetensors"
+        self.shards += 1
+        name = f"model-{self.shards:05d}-of-{self.n_shards:05d}.safetensors"
         save_file(tensors, str(self.out_dir / name), metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(tensors, name))
         self.written.update(state)
@@ -112,8 +114,8 @@ class ShardedWriter:
             raise ValueError(f"{len(unloaded)} tensors were neither written nor loaded, e.g. {unloaded[:3]}")
         left = {r.name for r in records} - set(self.modules)
         self.add(rest, [r for r in records if r.name in left], tied)
-        if len(set(self.weight_map.values())) != self.n_shards:
-            raise ValueError(f"wrote {len(set(self.weight_map.values()))} shards, announced {self.n_shards}")
+        if self.shards != self.n_shards:
+            raise ValueError(f"wrote {self.shards} shards, announced {self.n_shards}")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         _write_config(model, records, ignore, self.out_dir)
