@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -14,8 +15,9 @@ import torch
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
 from calq.calibration.engine import PrepareContext, run_blocks, stage_targets
+from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_forward
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
-from calq.eval.perplexity import perplexity
+from calq.eval.perplexity import perplexity, window_loss
 from calq.eval.report import (
     AdapterRecord,
     EvalResult,
@@ -126,7 +128,9 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
 
 
-def _eval_all(model, tokenizer, recipe: Recipe, device, windows_cache: dict) -> dict[str, tuple[int, float]]:
+def _eval_all(score: Callable[[torch.Tensor, int], float], tokenizer, recipe: Recipe,
+              windows_cache: dict) -> dict[str, tuple[int, float]]:
+    """score(windows, batch_size) -> perplexity, on each evaluation dataset."""
     ev = recipe.evaluation
     out = {}
     for spec in ev.datasets:
@@ -134,8 +138,44 @@ def _eval_all(model, tokenizer, recipe: Recipe, device, windows_cache: dict) -> 
             windows_cache[spec] = evaluation_windows(load_text(spec, "evaluation"), tokenizer, ev.seq_len,
                                                      ev.max_windows)
         w = windows_cache[spec]
-        out[spec] = (w.shape[0], perplexity(model, w, batch_size=ev.batch_size, device=device))
+        out[spec] = (w.shape[0], score(w, ev.batch_size))
     return out
+
+
+def _load_disk(ref: str, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
+    """(meta-device model with all but its blocks read, its DiskBlocks, tokenizer or None) for disk offload.
+
+    dtype None keeps the checkpoint's own, as load_model(dtype=None) does."""
+    from transformers import AutoTokenizer
+
+    from calq.export.reader import CheckpointReader, dense_config, tied_output_key
+
+    _quiet_transformers()
+    path = Path(resolve_model(ref))
+    config, _ = dense_config(path)
+    reader = CheckpointReader(path)
+    dtype = dtype or getattr(config, "dtype", None) or reader.first_dtype()
+    model = empty_model(config, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    keys = set(model.state_dict()) - {tied_output_key(model)}
+    if keys != set(reader.files) and reader.qconfig is None:    # a calq checkpoint stores packed names
+        odd = sorted(keys ^ set(reader.files))[:3]
+        raise ModelError(f"disk offload needs the checkpoint's tensor names to be the model's; {ref} differs "
+                         f"({', '.join(odd)})", "use --offload cpu (transformers renames them while loading)")
+    disk = DiskBlocks(model, reader.read_into)
+    disk.load_rest()
+    tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    return model, disk, tokenizer
+
+
+def _streamed_ppl(disk: DiskBlocks, device, dtype: torch.dtype) -> Callable[[torch.Tensor, int], float]:
+    def score(windows: torch.Tensor, batch_size: int) -> float:
+        losses = streamed_forward(disk, list(windows.split(batch_size)), device, dtype, window_loss)
+        return math.exp(torch.cat(losses).mean().item())
+    return score
+
+
+def _in_ram_ppl(model, device) -> Callable[[torch.Tensor, int], float]:
+    return lambda windows, batch_size: perplexity(model, windows, batch_size=batch_size, device=device)
 
 
 def compute_dtype(device: torch.device, store_dtype: torch.dtype) -> torch.dtype:
@@ -144,10 +184,11 @@ def compute_dtype(device: torch.device, store_dtype: torch.dtype) -> torch.dtype
 
 
 def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.dtype = torch.float16,
-                   progress: Progress | None = None, rest_dtype: torch.dtype | None = None):
+                   progress: Progress | None = None, rest_dtype: torch.dtype | None = None,
+                   onload=None, offload=None):
     """Calibrate and compress `model` in place (blocks end on CPU in rest_dtype, default their own dtype).
 
-    Returns the engine's per-module results.
+    onload/offload: the engine's hooks (disk offload). Returns the engine's per-module results.
     """
     cal = recipe.calibration
     torch.manual_seed(cal.seed)
@@ -156,30 +197,35 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     batches = list(ids.split(cal.batch_size))
     dtype = compute_dtype(device, store_dtype)
 
-    def run(model, stages):
+    def run(model, stages, onload=None, offload=None):
         prefix, blocks = find_blocks(model)
         move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU, visit the device one at a time
         inputs = capture_block_inputs(model, blocks[0], batches, device)
         if progress:
             progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
         result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
-                            rest_dtype)
-        model.to("cpu")
+                            rest_dtype, onload, offload)
+        move_outside_blocks(model, blocks, "cpu", None)  # the blocks are on CPU already (or on meta, offloaded)
         return result
 
     stages = [METHODS[s.method](s) for s in recipe.stages]
     for method in stages:
         method.prepare(model, PrepareContext(ids, device, cal.seed, run, progress))
-    return run(model, stages)
+    return run(model, stages, onload, offload)
 
 
 def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | None = None,
              device: str = "auto", seed: int | None = None, num_samples: int | None = None,
              seq_len: int | None = None, evaluate: bool = True, overwrite: bool = False,
-             progress: Progress | None = None) -> Report:
-    """Run a recipe: calibrate, compress block by block, write the checkpoint and report to `output`."""
+             progress: Progress | None = None, offload: str = "auto") -> Report:
+    """Run a recipe: calibrate, compress block by block, write the checkpoint and report to `output`.
+
+    offload: where weights rest. "cpu" holds the model in RAM; "disk" reads one block at a time from the
+    model's safetensors files and writes each compressed block as its own shard (RAM holds one block);
+    "auto" picks disk when the weights exceed half of the available RAM. The checkpoint is the same.
+    """
     from calq.export.reader import load_checkpoint
-    from calq.export.writer import write_checkpoint
+    from calq.export.writer import ShardedWriter, write_checkpoint
 
     t0 = time.time()
     overrides = {"model": model, "calibration": {"seed": seed, "num_samples": num_samples, "seq_len": seq_len}}
@@ -190,11 +236,20 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
     output = Path(output)
     dev = resolve_device(device)
     emit = progress or (lambda e: None)
+    mode = choose_offload(offload, resolve_model(recipe.model))
+    if mode == "disk" and _is_calq_checkpoint(Path(resolve_model(recipe.model))):
+        if offload == "disk":
+            raise ModelError(f"{recipe.model} is a calq checkpoint; disk offload reads dense models",
+                             "use --offload cpu")
+        mode = "cpu"
     tmp = _prepare_output(output, overwrite)
     try:
         timings: dict = {}
         t = time.time()
-        model_, tokenizer, _ = load_model(recipe.model, dtype=None)
+        if mode == "disk":
+            model_, disk, tokenizer = _load_disk(recipe.model)
+        else:
+            model_, tokenizer, _ = load_model(recipe.model, dtype=None)
         store_dtype = next(model_.parameters()).dtype
         _check_stages(recipe, model_)
         timings["load"] = time.time() - t
@@ -204,13 +259,21 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         if evaluate:
             t = time.time()
             emit({"event": "phase", "name": "dense evaluation"})
-            baseline = _eval_all(model_.to(dev, compute_dtype(dev, store_dtype)), tokenizer, recipe, dev,
-                                 windows_cache)
-            model_.to("cpu", store_dtype)
+            if mode == "disk":
+                baseline = _eval_all(_streamed_ppl(disk, dev, compute_dtype(dev, store_dtype)), tokenizer, recipe,
+                                     windows_cache)
+            else:
+                baseline = _eval_all(_in_ram_ppl(model_.to(dev, compute_dtype(dev, store_dtype)), dev), tokenizer,
+                                     recipe, windows_cache)
+                model_.to("cpu", store_dtype)
             timings["baseline_evaluation"] = time.time() - t
 
         t = time.time()
-        result = compress_model(model_, tokenizer, recipe, dev, store_dtype, emit)
+        hooks = {}
+        if mode == "disk":
+            writer = ShardedWriter(tmp, len(disk.blocks) + 1, store_dtype)
+            hooks = {"onload": disk.onload, "offload": _write_block(disk, writer)}
+        result = compress_model(model_, tokenizer, recipe, dev, store_dtype, emit, **hooks)
         timings["compress"] = time.time() - t
         timings["per_block"] = [round(x, 3) for x in result.block_seconds]
         timings["phases"] = {k: round(v, 3) for k, v in result.phase_seconds.items()}
@@ -218,7 +281,10 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         t = time.time()
         records = [m.record for m in result.modules]
         ignore = sorted({i for s in recipe.stages for i in s.ignore if not i.startswith("re:")})
-        stats = write_checkpoint(model_.to(store_dtype), records, tmp, ignore)
+        if mode == "disk":
+            stats = writer.finish(model_.to(store_dtype), records, ignore)
+        else:
+            stats = write_checkpoint(model_.to(store_dtype), records, tmp, ignore)
         stats["dense_sizes"] = {n: m.weight.numel() for n, m in model_.named_modules()
                                 if isinstance(m, torch.nn.Linear)}
         adapter_bytes = 0
@@ -234,9 +300,15 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         if evaluate:
             t = time.time()
             emit({"event": "phase", "name": "evaluation of the checkpoint read back from disk"})
-            reloaded = load_checkpoint(tmp, dtype=torch.float32).to(dev)
-            after = _eval_all(reloaded, tokenizer, recipe, dev, windows_cache)
-            del reloaded
+            if mode == "disk":
+                # fp32 as load_checkpoint reads it; streamed block by block like the dense baseline
+                _, disk, _ = _load_disk(str(tmp), torch.float32, with_tokenizer=False)
+                after = _eval_all(_streamed_ppl(disk, dev, torch.float32), tokenizer, recipe, windows_cache)
+                del disk
+            else:
+                reloaded = load_checkpoint(tmp, dtype=torch.float32).to(dev)
+                after = _eval_all(_in_ram_ppl(reloaded, dev), tokenizer, recipe, windows_cache)
+                del reloaded
             evals = [EvalResult(dataset=s, seq_len=recipe.evaluation.seq_len, windows=n, ppl=p,
                                 baseline_ppl=baseline[s][1]) for s, (n, p) in after.items()]
             timings["evaluation"] = time.time() - t
@@ -251,7 +323,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         timings["total"] = time.time() - t0
         report = Report(
             **versions(), model=recipe.model, recipe=recipe.model_dump(mode="json"), seed=recipe.calibration.seed,
-            device=str(dev), timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
+            device=str(dev), offload=mode,
+            timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
             peak_rss_bytes=peak_rss_bytes(),
             peak_cuda_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
             skipped_modules=result.skipped, bits_per_weight=8 * q_bytes / n_weights if n_weights else 16.0,
@@ -293,6 +366,22 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
 
 def _n_weights(rec) -> int:
     return rec.n_weights if isinstance(rec, Packed) else rec.codes.numel()
+
+
+def _write_block(disk: DiskBlocks, writer):
+    """The engine's offload hook in disk mode: write block i as its own shard, then drop its tensors."""
+    def offload(i: int, block, result) -> None:
+        name = f"{disk.prefix}.{i}."
+        records = [m.record for m in result.modules if m.record.name.startswith(name)]
+        writer.add({name + k: v for k, v in block.state_dict().items()}, records)
+        for rec in records:     # shapes stay for the report and quantization_config; the data is on disk
+            if isinstance(rec, Packed):
+                rec.tensors = {k: v.to("meta") for k, v in rec.tensors.items()}
+                continue
+            rec.codes, rec.scale = rec.codes.to("meta"), rec.scale.to("meta")
+            rec.zero = None if rec.zero is None else rec.zero.to("meta")
+        disk.release(i, block)
+    return offload
 
 
 def _check_expect(recipe: Recipe, report: Report) -> dict | None:

@@ -220,13 +220,17 @@ def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Method], device,
                scale_dtype: torch.dtype, progress: Callable[[dict], None] | None = None,
                propagate: str = "quantized", compute_dtype: torch.dtype = torch.float32,
-               rest_dtype: torch.dtype | None = None) -> EngineResult:
+               rest_dtype: torch.dtype | None = None,
+               onload: Callable[[int, nn.Module], None] | None = None,
+               offload: Callable[[int, nn.Module, EngineResult], None] | None = None) -> EngineResult:
     """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU.
 
     propagate: "quantized" feeds each block the outputs of the compressed blocks before it (GPTQ);
     "fp" feeds it the full-precision outputs (AdaDim's and AWQ's reference code).
     A block is computed in compute_dtype on the device and rests in rest_dtype (its own dtype if None) on
     CPU, so only one block is ever upcast.
+    onload(i, block) runs before block i is first used and offload(i, block, result) once it is back on CPU
+    and finished: disk offload fills the block from safetensors there, and writes and drops it.
     """
     result = EngineResult()
     phases = result.phase_seconds
@@ -248,6 +252,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         if progress:
             progress({"event": "block_start", "index": i, "total": len(blocks),
                       "methods": [s.name for s in stages], "elapsed": t_block - t_start})
+        if onload:
+            onload(i, block)
         rest = rest_dtype or next(block.parameters()).dtype
         block.to(device, compute_dtype)
         linears = find_linears(block, f"{prefix}.{i}")
@@ -327,6 +333,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         if fp_inputs is not None:
             fp_inputs = [(h, kw) for h, (_, kw) in zip(fp_next, fp_inputs, strict=True)]
         block.to("cpu", rest)
+        if offload:
+            offload(i, block, result)
         result.block_seconds.append(time.time() - t_block)
         if progress:
             progress({"event": "block_end", "index": i, "total": len(blocks), "tokens": n_tokens,

@@ -64,7 +64,9 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
              device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
              seed: int | None = typer.Option(None), num_samples: int | None = typer.Option(None),
              seq_len: int | None = typer.Option(None), no_eval: bool = typer.Option(False, "--no-eval"),
-             overwrite: bool = typer.Option(False, "--overwrite")):
+             overwrite: bool = typer.Option(False, "--overwrite"),
+             offload: str = typer.Option("auto", help="Where weights rest: cpu (RAM), disk (read and written one "
+                                         "block at a time), or auto (disk when they exceed half the free RAM).")):
     """Compress a model with a recipe; write a safetensors checkpoint and report.json/report.md."""
     from calq import api
     from calq.cli.render import BlockProgress, report_table
@@ -72,7 +74,7 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
     with BlockProgress(console) as progress:
         report = _run(api.compress, recipe, output, model=model, device=device, seed=seed,
                       num_samples=num_samples, seq_len=seq_len, evaluate=not no_eval, overwrite=overwrite,
-                      progress=progress.update)
+                      progress=progress.update, offload=offload)
     console.print(report_table(report))
     console.print(f"wrote [bold]{output}[/] (report.md, report.json)")
 

@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 
 
+def window_loss(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each window in fp32, on CPU. ids [b, T], logits [b, T, V] -> [b]."""
+    ids = ids.to(logits.device)
+    loss = F.cross_entropy(logits.float()[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return loss.view(ids.shape[0], -1).mean(1).cpu()
+
+
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu",
                   on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -21,9 +28,7 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 8, device: str
     losses = []
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i:i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()          # [b, T, V]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        losses.append(loss.view(ids.shape[0], -1).mean(1).cpu())
+        losses.append(window_loss(ids, model(input_ids=ids, use_cache=False).logits))
         if on_batch:
             on_batch(min(i + batch_size, windows.shape[0]), windows.shape[0])
     return torch.cat(losses)

@@ -55,6 +55,7 @@ class Report(BaseModel):
     recipe: dict
     seed: int
     device: str
+    offload: str = "cpu"               # where weights rested: cpu (RAM) or disk (one block at a time)
     timings: dict                      # total, load, calibration, compress, write, evaluation; per_block
     peak_rss_bytes: int
     peak_cuda_bytes: int | None = None

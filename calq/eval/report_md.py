@@ -12,7 +12,8 @@ def _mib(n: int) -> str:
 def render_markdown(data: dict, out_dir: Path) -> None:
     lines = [f"# calq report: {data['model']}", ""]
     stages = ", ".join(s["method"] for s in data["recipe"]["stages"])
-    lines += [f"- stages: {stages}", f"- seed: {data['seed']}, device: {data['device']}",
+    lines += [f"- stages: {stages}", f"- seed: {data['seed']}, device: {data['device']}, "
+              f"weights offloaded to: {data.get('offload', 'cpu')}",
               f"- calq {data['calq_version']}, torch {data['torch']}, transformers {data['transformers']}, "
               f"compressed-tensors {data['compressed_tensors']}, Python {data['python']}",
               f"- bits per weight (quantized Linears, codes + scales + zeros): **{data['bits_per_weight']:.3f}**",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,8 +43,10 @@ def write_adapter(adapters: list[Adapter], out_dir: Path, base_model: str, dtype
 
 
 @torch.no_grad()
-def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> int:
-    """Add scaling·B·A of every adapted Linear into its weight (fp32 math). Returns the number merged."""
+def merge_adapter(model: torch.nn.Module, adapter_dir: Path, keep: Callable[[str], bool] = lambda name: True) -> int:
+    """Add scaling·B·A of every adapted Linear that `keep` accepts into its weight (fp32 math).
+
+    Returns the number merged."""
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     modules = dict(model.named_modules())
     merged = 0
@@ -52,6 +55,8 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> int:
             if not key.endswith(".lora_A.weight"):
                 continue
             name = key[len("base_model.model."):-len(".lora_A.weight")]
+            if not keep(name):
+                continue
             A = st.get_tensor(key).float()
             B = st.get_tensor(key.replace("lora_A", "lora_B")).float()
             pat = next((k for k in cfg.get("alpha_pattern") or {} if re.match(rf"(.*\.)?({k})$", name)), None)

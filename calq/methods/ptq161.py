@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from calq.calibration.blocks import block_output, find_blocks, matches, to_device
 from calq.calibration.finetune import train_lora
+from calq.errors import CalqError
 from calq.methods.base import Packed
 from calq.methods.registry import Method, StageConfig, register
 
@@ -223,6 +224,9 @@ class PTQ161(Method):
         pre = self.config.preprocess
         if pre is None:
             return
+        if any(p.is_meta for p in model.parameters()):
+            raise CalqError("PTQ1.61 preprocessing fine-tunes a copy of the whole model, which disk offload "
+                            "does not hold in memory", "run it with --offload cpu")
         first = copy.deepcopy(model)
         ctx.compress(first, [PTQ161(self.config.model_copy(update={"preprocess": None}))])
         deltas, losses = train_lora(first, ctx.ids, pre.targets, rank=pre.rank, alpha=pre.alpha, lr=pre.lr,

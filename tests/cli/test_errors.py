@@ -126,3 +126,11 @@ def test_failed_expect_exits_3_and_keeps_the_checkpoint(tmp_path, tiny_llama_dir
 
 def test_inspect_of_a_dense_model_is_a_clear_error(tiny_llama_dir):
     _fails(["inspect", str(tiny_llama_dir)], "holds a dense model")
+
+
+def test_offload_mode_and_hub_model_on_disk(tmp_path, tiny_llama_dir):
+    out = tmp_path / "o"
+    _fails(["compress", str(_recipe(tmp_path, str(tiny_llama_dir))), "-o", str(out), "--offload", "ram"],
+           "unknown offload mode 'ram' — use auto, cpu or disk", out)
+    _fails(["compress", str(_recipe(tmp_path, "org/model")), "-o", str(out), "--offload", "disk"],
+           "disk offload reads safetensors files from a local folder", out)
