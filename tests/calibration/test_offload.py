@@ -22,6 +22,7 @@ STAGES = {
     "rtn": [{"method": "rtn", "bits": 4, "group_size": 64}],
     "gptq": [{"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False}],
     "rtn+eora": [{"method": "rtn", "bits": 3, "group_size": 64}, {"method": "eora", "rank": 8}],
+    "ptq161": [{"method": "ptq161", "epochs": 1}],      # calq-packed records, block-wise training
 }
 # transformers' CT path dequantizes with fp16 scales into fp32 weights: ~1e-3 of the logit scale.
 HF_RELOAD_RTOL = 5e-3
@@ -46,7 +47,7 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
     tb = {k.split("/", 1)[1] if not k.startswith("adapter/") else k: v for k, v in tb.items()}
     for k, v in ta.items():
         assert v.dtype == tb[k].dtype and torch.equal(v, tb[k]), k
-    assert any(k.endswith(".weight_packed") for k in ta)               # compressed, not a dense copy
+    assert any(k.endswith((".weight_packed", ".signs")) for k in ta)   # compressed, not a dense copy
     assert (a / "config.json").read_text() == (b / "config.json").read_text()
 
 
