@@ -13,7 +13,7 @@ import torch
 
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
-from calq.calibration.engine import run_blocks, stage_targets
+from calq.calibration.engine import PrepareContext, run_blocks, stage_targets
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
 from calq.eval.perplexity import perplexity
 from calq.eval.report import (
@@ -27,6 +27,7 @@ from calq.eval.report import (
 )
 from calq.export.peft import ADAPTER_DIR, write_adapter
 from calq.methods import METHODS
+from calq.methods.base import Packed
 from calq.recipe.load import dump_recipe, load_recipe, merge_overrides
 from calq.recipe.schema import Recipe, validate_recipe
 from calq.zoo import resolve_model
@@ -153,17 +154,23 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     ids = calibration_windows(load_text(cal.dataset, "calibration"), tokenizer, cal.num_samples, cal.seq_len,
                               cal.seed)
     batches = list(ids.split(cal.batch_size))
-    prefix, blocks = find_blocks(model)
     dtype = compute_dtype(device, store_dtype)
-    move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU and visit the device one at a time
-    inputs = capture_block_inputs(model, blocks[0], batches, device)
+
+    def run(model, stages):
+        prefix, blocks = find_blocks(model)
+        move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU, visit the device one at a time
+        inputs = capture_block_inputs(model, blocks[0], batches, device)
+        if progress:
+            progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
+        result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
+                            rest_dtype)
+        model.to("cpu")
+        return result
+
     stages = [METHODS[s.method](s) for s in recipe.stages]
-    if progress:
-        progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
-    result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
-                        rest_dtype)
-    model.to("cpu")
-    return result
+    for method in stages:
+        method.prepare(model, PrepareContext(ids, device, cal.seed, run, progress))
+    return run(model, stages)
 
 
 def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | None = None,
@@ -237,7 +244,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         # Over every Linear a stage replaced: packed bytes where quantized, fp16 where only pruned.
         quantized = {m.record.name for m in result.modules}
         dense_only = [m for m in result.replaced if m.record.name not in quantized]
-        n_weights = sum(m.record.codes.numel() for m in result.modules) + \
+        n_weights = sum(_n_weights(m.record) for m in result.modules) + \
             sum(stats["dense_sizes"][m.record.name] for m in dense_only)
         q_bytes = sum(stats["modules"][m.record.name]["bytes"] for m in result.modules) + \
             sum(2 * stats["dense_sizes"][m.record.name] for m in dense_only)
@@ -259,8 +266,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             dense_bytes=stats["dense_bytes"], quantized_weights=n_weights, evaluation=evals,
             evaluation_protocol=PROTOCOL,
             modules=[ModuleRecord(name=m.record.name, method=m.record.method, bits=m.record.bits,
-                                  layout=m.record.layout, group_size=m.record.group_size,
-                                  symmetric=m.record.symmetric, rel_error=m.rel_error,
+                                  layout=m.record.layout, group_size=getattr(m.record, "group_size", None),
+                                  symmetric=getattr(m.record, "symmetric", None), rel_error=m.rel_error,
                                   bits_per_weight=stats["modules"][m.record.name]["bits_per_weight"],
                                   bytes=stats["modules"][m.record.name]["bytes"], seconds=round(m.seconds, 4),
                                   tokens=m.tokens, info=m.record.info) for m in result.modules]
@@ -282,6 +289,10 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         raise ExpectationFailed(f"expect: {detail} (checkpoint written to {output})",
                                 "the recipe no longer meets its expect: block")
     return report
+
+
+def _n_weights(rec) -> int:
+    return rec.n_weights if isinstance(rec, Packed) else rec.codes.numel()
 
 
 def _check_expect(recipe: Recipe, report: Report) -> dict | None:

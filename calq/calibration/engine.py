@@ -20,15 +20,15 @@ from calq.calibration.adapters import attach_adapter
 from calq.calibration.blocks import block_output, find_linears, matches, to_device
 from calq.calibration.units import UnitInputs
 from calq.errors import CalqError
-from calq.methods.base import Adapter, Compressed, Replaced
+from calq.methods.base import Adapter, Compressed, Packed, Replaced
 from calq.methods.gptq import accumulate_hessian
 from calq.methods.registry import Method
 
 
 @dataclass
 class ModuleResult:
-    record: Compressed | Replaced
-    rel_error: float            # ||X(W - W_hat)ᵀ|| / ||X Wᵀ|| on the calibration inputs of this module
+    record: Compressed | Replaced | Packed
+    rel_error: float | None     # ||X(W - W_hat)ᵀ|| / ||X Wᵀ|| on the calibration inputs (None: not a Linear)
     seconds: float
     tokens: int
 
@@ -67,6 +67,7 @@ class _Hessians:
         self.owner: dict[str, str] = {}        # module -> module whose accumulator it shares
         self.H: dict[str, torch.Tensor] = {}
         self.absmean: dict[str, torch.Tensor] = {}       # running mean |x| per input channel
+        self.absmax: dict[str, torch.Tensor] = {}
         self.n: dict[str, int] = {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
         self._handles = []
@@ -98,6 +99,8 @@ class _Hessians:
                                 "check the model in fp32, or calibrate with other data")
             n_old = self.n.get(name, 0)
             a = X.abs().sum(0)
+            m = X.abs().amax(0)
+            self.absmax[name] = m if n_old == 0 else torch.maximum(self.absmax[name], m)
             self.absmean[name] = a / X.shape[0] if n_old == 0 else \
                 self.absmean[name] * (n_old / (n_old + X.shape[0])) + a / (n_old + X.shape[0])
             self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), X, n_old)
@@ -115,6 +118,9 @@ class _Hessians:
 
     def absmean_of(self, name: str) -> torch.Tensor:
         return self.absmean[self.owner[name]]
+
+    def absmax_of(self, name: str) -> torch.Tensor:
+        return self.absmax[self.owner[name]]
 
     def covariance_of(self, name: str) -> torch.Tensor | None:
         owner = self.owner[name]
@@ -140,7 +146,8 @@ def _weights(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor] | N
             m.weight.data.copy_(saved[n])
 
 
-def _install(rec, mod: nn.Linear, W, H, W0, n: int, seconds: float, result: EngineResult) -> None:
+def _install(rec, mod: nn.Module, W, H, W0, n: int, seconds: float, result: EngineResult,
+             block: nn.Module | None = None, block_prefix: str = "") -> None:
     """Put a method's result into the model and the run's records. W: the weight the method saw; W0: the
     weight before any stage. Dense tensors are dropped from records once the model holds them."""
     if isinstance(rec, Adapter):
@@ -153,10 +160,52 @@ def _install(rec, mod: nn.Linear, W, H, W0, n: int, seconds: float, result: Engi
         mod.weight.data.copy_(rec.W_new.to(mod.weight.dtype))
         result.replaced.append(ModuleResult(rec, _rel_error(W, rec.W_new, H), seconds, n))
         rec.W_new = None
+    elif isinstance(rec, Packed):
+        err = None
+        if rec.module is not None:
+            block.set_submodule(rec.name[len(block_prefix) + 1:], rec.module)
+        elif rec.W_hat is not None:
+            mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
+            err = _rel_error(W, rec.W_hat, H)
+        result.modules.append(ModuleResult(rec, err, seconds, n))
+        rec.W_hat, rec.module = None, None
     else:
         mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
         result.modules.append(ModuleResult(rec, _rel_error(W, rec.W_hat, H), seconds, n))
         rec.W_hat = None        # export needs only codes and scales
+
+
+@dataclass
+class BlockContext:
+    """What a block-scope method (Method.scope == "block") gets for one block."""
+
+    block: nn.Module                    # on the device, in the compute dtype
+    prefix: str                         # its module path, e.g. "model.layers.3"
+    index: int
+    targets: dict[str, nn.Linear]       # the stage's Linears in this block (full names)
+    stats: dict[str, dict]              # per target: what `needs` asked for, as `apply` would get it
+    inputs: list                        # [(hidden, kwargs)] on CPU along the compressed path
+    fp_inputs: list | None              # the same along the full-precision path ("fp_path" in needs)
+    fp_outputs: list | None             # the original block applied to fp_inputs [hidden] on CPU
+    device: torch.device
+    dtype: torch.dtype
+    progress: Callable[[dict], None] | None = None
+
+    def forward(self, inputs: list | None = None) -> list[torch.Tensor]:
+        """The block's current outputs for `inputs` (default: the compressed path's), on CPU."""
+        return [block_output(self.block(h.to(self.device), **to_device(kw, self.device))).cpu()
+                for h, kw in (self.inputs if inputs is None else inputs)]
+
+
+@dataclass
+class PrepareContext:
+    """What a method's model-level `prepare` gets: the calibration token windows and the engine itself."""
+
+    ids: torch.Tensor                   # [N, T] calibration token ids
+    device: torch.device
+    seed: int
+    compress: Callable                  # compress(model, stages) runs the same block loop on another model
+    progress: Callable[[dict], None] | None = None
 
 
 def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -184,12 +233,15 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
     t_start = time.time()
     n_tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
 
-    def forward(block):
+    def forward(block, inputs):
         outs = []
         for hidden, kwargs in inputs:
             out = block_output(block(hidden.to(device), **to_device(kwargs, device)))
             outs.append(out)
         return outs
+
+    # The full-precision path, for methods that train towards the original model's outputs (PTQ1.61).
+    fp_inputs = [(h, kw) for h, kw in inputs] if any("fp_path" in s.needs for s in stages) else None
 
     for i, block in enumerate(blocks):
         t_block = time.time()
@@ -202,6 +254,11 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         # one block's weights before any stage: what "original_weight" and the adapters' errors refer to
         originals = {n: m.weight.data.float().clone() for n, m in linears.items()}
         fp_outs = None
+        fp_next = None
+        if fp_inputs is not None:
+            t0 = time.perf_counter()
+            fp_next = [block_output(block(h.to(device), **to_device(kw, device))).cpu() for h, kw in fp_inputs]
+            phases["propagate"] += time.perf_counter() - t0
         for method in stages:
             targets = stage_targets(linears, method.config)
             if not targets:
@@ -209,42 +266,66 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             t0 = time.perf_counter()
             units = UnitInputs(block, f"{prefix}.{i}", targets)
             hess = _Hessians(targets, "sample_covariance" in method.needs)
+            on_fp = method.calibrate_on == "fp" and fp_inputs is not None
             with hess, (units if "unit" in method.needs else nullcontext()), \
-                    _weights(linears, originals if method.calibrate_on == "original" else None):
-                outs = forward(block)
+                    _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
+                outs = forward(block, fp_inputs if on_fp else inputs)
             if propagate == "fp" and fp_outs is None:
                 fp_outs = [o.cpu() for o in outs]
             del outs
             phases["stats_forward"] += time.perf_counter() - t0
             phases["stats_accumulate"] += hess.seconds
+            seen = {}
             for name, mod in targets.items():
                 if name not in hess.owner:
                     # e.g. Mamba's dt_proj: the model reads .weight directly, so no input is ever seen
                     result.skipped.append({"name": name, "reason": "its forward is never called, so no "
                                            "calibration inputs were seen; left unquantized"})
                     continue
+                seen[name] = mod
+            stats = {}
+            for name in seen:
+                H, n = hess.of(name)
+                stats[name] = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
+                               "input_absmean": hess.absmean_of(name), "input_absmax": hess.absmax_of(name),
+                               "original_weight": originals[name], "sample_covariance": hess.covariance_of(name),
+                               "input_owner": hess.owner[name]}
+            if method.scope == "block":
+                t0 = time.time()
+                ctx = BlockContext(block, f"{prefix}.{i}", i, seen, stats, inputs, fp_inputs, fp_next, device,
+                                   compute_dtype, progress)
+                weights = {n: m.weight.data.float().clone() for n, m in seen.items()}
+                records = method.apply_block(ctx)
+                seconds = (time.time() - t0) / max(len(records), 1)
+                for rec in records:
+                    st = stats.get(rec.name, {})       # empty for a replaced submodule that is no Linear
+                    _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("hessian"),
+                             originals.get(rec.name), st.get("tokens", 0), seconds, result, block, f"{prefix}.{i}")
+                phases["methods"] += time.time() - t0
+                del hess, units, ctx
+                continue
+            for name, mod in seen.items():
                 t0 = time.time()
                 W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
-                H, n = hess.of(name)
-                stats = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
-                         "input_absmean": hess.absmean_of(name), "original_weight": originals[name],
-                         "sample_covariance": hess.covariance_of(name)}
+                st = stats[name]
                 if "unit" in method.needs:
-                    stats["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), H, device)
-                rec = method.apply(name, W, stats)
-                _install(rec, mod, W, H, originals[name], n, time.time() - t0, result)
+                    st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], device)
+                rec = method.apply(name, W, st)
+                _install(rec, mod, W, st["hessian"], originals[name], st["tokens"], time.time() - t0, result)
                 phases["methods"] += time.time() - t0
             del hess, units
         del originals
         # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).
         t0 = time.perf_counter()
-        outs = fp_outs if propagate == "fp" and fp_outs is not None else forward(block)
+        outs = fp_outs if propagate == "fp" and fp_outs is not None else forward(block, inputs)
         phases["propagate"] += time.perf_counter() - t0
         for j, out in enumerate(outs):
             if not torch.isfinite(out).all():
                 raise CalqError(f"non-finite outputs from block {i} ({prefix}.{i}) after compression",
                                 "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
             inputs[j] = (out.cpu(), inputs[j][1])
+        if fp_inputs is not None:
+            fp_inputs = [(h, kw) for h, (_, kw) in zip(fp_next, fp_inputs, strict=True)]
         block.to("cpu", rest)
         result.block_seconds.append(time.time() - t_block)
         if progress:

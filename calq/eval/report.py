@@ -25,9 +25,9 @@ class ModuleRecord(BaseModel):
     method: str
     bits: int
     layout: str
-    group_size: int
-    symmetric: bool
-    rel_error: float
+    group_size: int | None = None       # None: not a grouped integer format (e.g. PTQ1.61)
+    symmetric: bool | None = None
+    rel_error: float | None = None      # None: the record replaced a whole submodule, not one Linear
     bits_per_weight: float
     bytes: int
     seconds: float

@@ -53,8 +53,9 @@ def render_markdown(data: dict, out_dir: Path) -> None:
         lines += ["## Modules", "", "| module | method | bits | layout | group | bits/weight | rel. error | s |",
                   "|---|---|---|---|---|---|---|---|"]
         for m in data["modules"]:
-            lines.append(f"| {m['name']} | {m['method']} | {m['bits']} | {m['layout']} | {m['group_size']} | "
-                         f"{m['bits_per_weight']:.3f} | {m['rel_error']:.4f} | {m['seconds']:.2f} |")
+            lines.append(f"| {m['name']} | {m['method']} | {m['bits']} | {m['layout']} | "
+                         f"{_num(m['group_size'], 'd')} | {m['bits_per_weight']:.3f} | {_num(m['rel_error'])} | "
+                         f"{m['seconds']:.2f} |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -68,10 +69,14 @@ def _plot(data: dict, path: Path) -> bool:
         return False
     mods = data["modules"]
     fig, ax = plt.subplots(figsize=(max(6, len(mods) * 0.25), 3.5))
-    ax.bar(range(len(mods)), [m["rel_error"] for m in mods])
+    ax.bar(range(len(mods)), [m["rel_error"] or 0.0 for m in mods])
     ax.set_xticks(range(len(mods)), [m["name"].split("layers.")[-1] for m in mods], rotation=90, fontsize=6)
     ax.set_ylabel("relative output error")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _num(x, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)

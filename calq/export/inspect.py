@@ -45,6 +45,12 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
     report = path / "report.json"
     methods = {m["name"]: m["method"] for m in json.loads(report.read_text())["modules"]} if report.is_file() else {}
     rows = []
+    for name, meta in sorted((qcfg.get("calq_modules") or {}).items()):
+        nbytes = sum(sizes[f"{name}.{k}"] for k in meta["tensors"])
+        rows.append({"name": name, "method": meta["method"], "bits": meta.get("bits", "-"),
+                     "layout": meta.get("layout", meta["method"]), "strategy": "calq", "group_size": None,
+                     "symmetric": None, "shape": meta.get("shape"), "bytes": nbytes,
+                     "bits_per_weight": 8 * nbytes / meta["n_weights"], "note": "calq format; loads with calq.load"})
     for name in sorted(shapes):
         _, g = _group_of(name, qcfg["config_groups"])
         w = g["weights"]

@@ -1,7 +1,8 @@
 """Load a checkpoint written by `writer.py` (or a plain dense HF folder) as a dense transformers model.
 
 Quantized modules are dequantized with `ct.ct_dequantize`, using the config group whose targets match the
-module (exact name, `re:` regex or class name, formats.md §1.1). Safetensors only: nothing is unpickled.
+module (exact name, `re:` regex or class name, formats.md §1.1); modules in calq's own format
+(`quantization_config.calq_modules`) by their method's `rebuild`. Safetensors only: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, device="cpu"
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     state = _read_tensors(path)
+    from calq.methods import METHODS
+
+    for name, meta in ((qconfig or {}).get("calq_modules") or {}).items():
+        # calq's own storage: the method rebuilds what the model needs from its tensors
+        tensors = {k: state.pop(f"{name}.{k}") for k in meta["tensors"]}
+        entries = METHODS[meta["method"]].rebuild(model, name, tensors, meta)
+        state.update({f"{name}.{k}": v for k, v in entries.items()})
     for key in [k for k in state if k.endswith(_PACKED)]:
         name = key.removesuffix(_PACKED)
         if qconfig is None:

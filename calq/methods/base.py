@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -48,4 +49,23 @@ class Replaced:
     name: str
     method: str
     W_new: torch.Tensor             # fp32 [OC, IC]
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Packed:
+    """A module stored in calq's own format: what compressed-tensors cannot express (PTQ1.61's sign bits and
+    column mask, Quamba's activation scales). The writer stores `tensors` as `{name}.{key}` and `meta` in
+    config.json; on load the method's `rebuild` turns them back into the module."""
+
+    name: str
+    method: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict                      # JSON-serialisable
+    n_weights: int                  # weights the record stands for (the bits/weight denominator)
+    bits: int = 16                  # nominal bits for the report's table (e.g. 1 for binarized)
+    layout: str = ""
+    W_hat: torch.Tensor | None = None    # a Linear's new dense weight, which the engine installs
+    module: nn.Module | None = None      # or a whole replacement submodule
+    replaces: tuple[str, ...] | None = ("weight",)   # state keys under `name` it stands in for; None: all
     info: dict = field(default_factory=dict)

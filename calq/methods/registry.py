@@ -7,6 +7,10 @@ A method declares:
     scoring candidate weights on the Linear's evaluation unit, calibration/units.py);
   - `apply(name, W, stats)`: what it does to one Linear's weight W [OC, IC], returned as a `Compressed`
     (packed codes), an `Adapter` (low-rank side path) or a `Replaced` (dense weight);
+  - or, with `scope = "block"`, `apply_block(ctx)`: what it does to a whole block given its inputs and the
+    full-precision targets (block-wise training, PTQ1.61; module replacement, Quamba), returning records
+    (`Packed` for calq's own storage, which `rebuild` reads back);
+  - optionally `prepare(model)`: exact model-level transforms before calibration (norm folding, rotations);
   - optionally `check_shape`, `compensates` and `calibrate_on` (below).
 The engine never branches on a method's name; everything it needs is declared here.
 """
@@ -19,13 +23,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from calq.methods.base import Adapter, Compressed, Replaced
+from calq.methods.base import Adapter, Compressed, Packed, Replaced
 
 METHODS: dict[str, type[Method]] = {}
 # What the engine knows how to provide. "original_weight": the Linear's weight before any stage touched it;
-# "input_absmean": mean |x| per input channel [IC].
+# "input_absmean": mean |x| per input channel [IC]; "input_absmax": max |x| per input channel [IC].
+# "fp_path": the engine also carries the block inputs along the full-precision path (block methods' targets).
 # "sample_covariance": Σ_s X̃_sᵀX̃_s / #samples with X̃_s = X_s / |max X_s| per calibration sample (CorDA).
-STATS = ("hessian", "unit", "original_weight", "input_absmean", "sample_covariance")
+STATS = ("hessian", "unit", "original_weight", "input_absmean", "input_absmax", "sample_covariance", "fp_path")
 
 
 def register(name: str):
@@ -79,8 +84,10 @@ class Method:
     name: str = ""
     compensates: bool = False   # needs an earlier stage that compressed the same Linears (EoRA)
     # Whose inputs the statistics describe: the block as the earlier stages left it ("current"), or the block
-    # with its original weights ("original": EoRA's reference code calibrates the uncompressed block).
+    # with its original weights ("original": EoRA's reference code calibrates the uncompressed block), or the
+    # original block on the full-precision path's inputs ("fp": PTQ1.61's statistics come from the FP model).
     calibrate_on: str = "current"
+    scope: str = "linear"       # "block": the engine calls apply_block(ctx) instead of apply per Linear
     Config: type[StageConfig] = StageConfig
     needs: tuple[str, ...] = ()
 
@@ -92,6 +99,20 @@ class Method:
     def check_shape(self, shape: tuple[int, int]) -> tuple[str, str] | None:
         """(recipe key, problem) if this stage's settings cannot apply to a Linear of shape [OC, IC], else None."""
         return None
+
+    def prepare(self, model, ctx) -> None:
+        """Model-level work before the block loop (default: none): exact transforms such as norm folding and
+        rotations, or a first compression pass (PTQ1.61's preprocessing). ctx: engine.PrepareContext."""
+
+    def apply_block(self, ctx) -> list[Compressed | Adapter | Replaced | Packed]:
+        """scope "block": compress the block in ctx (calibration/engine.py BlockContext)."""
+        raise NotImplementedError
+
+    @classmethod
+    def rebuild(cls, model, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+        """From a `Packed` record read back from disk: install what the model needs at `name` and return the
+        state-dict entries under it (e.g. {"weight": dequantized W})."""
+        raise NotImplementedError(f"method {cls.name!r} stores no calq-packed modules")
 
     def apply(self, name: str, W: torch.Tensor, stats: dict) -> Compressed | Adapter | Replaced:
         """W is the Linear's current weight [OC, IC] (fp32 copy). A `Compressed` replaces it; an `Adapter`
