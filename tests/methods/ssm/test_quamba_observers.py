@@ -1,8 +1,8 @@
 import torch
 
-from calq.methods.quamba.cluster import contiguous_kmeans, sort_and_cluster, ward
-from calq.methods.quamba.observers import MinMax, PercentileEMA, fake_quant, quantile, scale_from
-from calq.methods.quamba.weights import quant_per_tensor
+from calq.methods.ssm.cluster import contiguous_kmeans, sort_and_cluster, ward
+from calq.methods.ssm.observers import MinMax, PercentileEMA, fake_quant, quantile, scale_from
+from calq.methods.ssm.weights import quant_per_tensor
 
 
 def test_fake_quant_rounds_half_to_even_and_clamps():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from calq.methods.quamba.hadamard import hadamard, small_hadamard
+from calq.methods.ssm.hadamard import hadamard, small_hadamard
 
 # fp64 butterflies: orthonormality holds to a few ulps times log n
 ORTHO_ATOL = 1e-12

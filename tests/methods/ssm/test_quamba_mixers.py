@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calq.methods.quamba.hadamard import hadamard
-from calq.methods.quamba.mamba1 import QMamba1Mixer
-from calq.methods.quamba.mamba2 import QMamba2Mixer
-from calq.methods.quamba.plan import QuantPlan
-from calq.methods.quamba.ssd import gated_rmsnorm, ssd_scan
+from calq.methods.ssm.hadamard import hadamard
+from calq.methods.ssm.mamba1 import QMamba1Mixer
+from calq.methods.ssm.mamba2 import QMamba2Mixer
+from calq.methods.ssm.plan import QuantPlan
+from calq.methods.ssm.ssd import gated_rmsnorm, ssd_scan
 
 # fp32 vectorised scans vs transformers' fp32 paths (a token loop for Mamba1): rounding only
 LOGITS_ATOL = 1e-4

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from calq.methods.gptq import gptq_quantize
-from calq.methods.quamba.observers import qmax, scale_from
 from calq.methods.quantizer import QuantArgs, quantize_rtn
+from calq.methods.ssm.observers import qmax, scale_from
 
 
 @dataclass

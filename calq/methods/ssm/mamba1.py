@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from calq.methods.gptq import accumulate_hessian
-from calq.methods.quamba.hadamard import Hadamard
-from calq.methods.quamba.observers import MinMax, PercentileEMA, fake_quant, scale_from
-from calq.methods.quamba.plan import QuantPlan
-from calq.methods.quamba.weights import QWeight, quant_groups_gptq, quant_groups_rtn, quant_per_tensor
+from calq.methods.ssm.hadamard import Hadamard
+from calq.methods.ssm.observers import MinMax, PercentileEMA, fake_quant, scale_from
+from calq.methods.ssm.plan import QuantPlan
+from calq.methods.ssm.weights import QWeight, quant_groups_gptq, quant_groups_rtn, quant_per_tensor
 from calq.zoo.scan import chunked_selective_scan
 
 # Per step the chunked scan floors a decay at exp(-80/chunk); at 4 that is e^-20, far below fp32 noise of h.
@@ -130,6 +130,12 @@ class QMamba1Mixer(nn.Module):
             self._set(name, quant_per_tensor(getattr(self, name)) if plan.ssm_bits == 8 else None)
         self.observers, self.hessians = {}, {}
         self.mode = "quant"
+
+    def segments_of(self, name: str) -> list[int] | None:
+        return None                                                            # Mamba1: one scale per tensor
+
+    def prepare_rebuild(self) -> None:
+        """Before loading stored tensors: nothing to undo (out_proj is stored rotated, as held here)."""
 
     def _set(self, name: str, q: QWeight | None) -> None:
         t = getattr(self, name)

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from calq.methods.gptq import accumulate_hessian
-from calq.methods.quamba.cluster import Clusters, sort_and_cluster
-from calq.methods.quamba.hadamard import Hadamard
-from calq.methods.quamba.observers import ChannelStats, MinMax, fake_quant, scale_from
-from calq.methods.quamba.plan import QuantPlan
-from calq.methods.quamba.ssd import gated_rmsnorm, ssd_scan
-from calq.methods.quamba.weights import QWeight, quant_groups_gptq, quant_groups_rtn, quant_per_tensor
+from calq.methods.ssm.cluster import Clusters, sort_and_cluster
+from calq.methods.ssm.hadamard import Hadamard
+from calq.methods.ssm.observers import ChannelStats, MinMax, fake_quant, scale_from
+from calq.methods.ssm.plan import QuantPlan
+from calq.methods.ssm.ssd import gated_rmsnorm, ssd_scan
+from calq.methods.ssm.weights import QWeight, quant_groups_gptq, quant_groups_rtn, quant_per_tensor
 
 # in_proj input, its five outputs, the conv outputs x (grouped), B and C (per SSD group), the out_proj input
 ACT_SITES = ("in", "z", "x", "B", "C", "dt", "x_conv", "B_conv", "C_conv", "y")
@@ -177,6 +177,13 @@ class QMamba2Mixer(nn.Module):
         for site in ("B_conv", "C_conv"):                                      # per state group [ng] → per channel
             per_group = obs[site].amax.reshape(self.ng, self.N).amax(-1)
             setattr(self, f"s_{site}", scale_from(per_group).repeat_interleave(self.N))
+
+    def segments_of(self, name: str) -> list[int] | None:
+        return {"in_proj": self.splits, "conv_w": self.splits[1:4], "conv_b": self.splits[1:4]}.get(name)
+
+    def prepare_rebuild(self) -> None:
+        """Before loading stored tensors: out_proj is stored already rotated."""
+        self.rotated = self.had_y is not None
 
     def _set(self, name: str, q: QWeight | None) -> None:
         t = getattr(self, name)
