@@ -63,7 +63,9 @@ def export_mixer(q, arch: str) -> tuple[dict[str, torch.Tensor], dict, int]:
             tensors[f"{name}.scale"] = qw.scale.float().reshape(-1) if qw.scale.dim() else qw.scale.float()
             if qw.scale.dim():
                 segments[name] = q.segments_of(name)
-    meta = {"arch": arch, "plan": asdict(q.plan), "layer_idx": q.layer_idx, "bits": bits, "segments": segments,
+    # "bits"/"layout": the nominal precision `calq inspect` shows; "tensor_bits": what each tensor got
+    meta = {"arch": arch, "plan": asdict(q.plan), "layer_idx": q.layer_idx, "bits": q.plan.w_bits,
+            "layout": f"w{q.plan.w_bits}a{q.plan.a_bits}", "tensor_bits": bits, "segments": segments,
             "hadamard_y": q.had_y.meta() if q.had_y is not None else None,
             "percentile": q.plan.percentile if arch == "mamba1" else None}
     if getattr(q, "clusters", None) is not None:
