@@ -14,6 +14,7 @@ class BlockProgress:
                                  TextColumn("block {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         self.task = None
+        self.lora = None
 
     def __enter__(self):
         self.progress.__enter__()
@@ -30,6 +31,13 @@ class BlockProgress:
         elif e["event"] == "block_end" and self.task is not None:
             self.progress.update(self.task, completed=e["index"] + 1,
                                  info=f"{e['tokens']:,} tokens, {e['seconds']:.1f}s/block")
+        elif e["event"] == "train" and self.task is not None:      # block-wise training inside block i
+            self.progress.update(self.task, info=f"block {e['index'] + 1}: step {e['step']}/{e['total']}, "
+                                 f"loss {e['loss']:.4f}")
+        elif e["event"] == "lora":                                  # a model-level fine-tune (preprocessing)
+            if self.lora is None:
+                self.lora = self.progress.add_task("restorative LoRA", total=e["total"], info="")
+            self.progress.update(self.lora, completed=e["step"], info=f"loss {e['loss']:.4f}")
 
 
 def report_table(report) -> Table:

@@ -67,6 +67,7 @@ from typing import Literal  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from calq.methods.base import Adapter  # noqa: E402
+from calq.methods.gptq import gptq_quantize  # noqa: E402
 from calq.methods.quantizer import QuantArgs, quantize_rtn  # noqa: E402
 from calq.methods.registry import Method, StageConfig, register  # noqa: E402
 
@@ -78,6 +79,9 @@ class EoRAConfig(StageConfig):
     # Round A and B to this many bits (RTN, symmetric, one scale per row), as the paper's --lowrank_wbits.
     # PEFT has no integer LoRA format: they are stored dequantized; the report gives their packed size too.
     adapter_bits: int | None = Field(None, ge=2, le=8)
+    # How A and B are rounded: rtn, or gptq as the official --lowrank_wbits (A against the input Hessian H,
+    # then B against the Hessian of its own input Â x, i.e. Â H Âᵀ).
+    adapter_quant: Literal["rtn", "gptq"] = "rtn"
 
 
 @register("eora")
@@ -97,7 +101,13 @@ class EoRA(Method):
         info = {"basis": cfg.basis, "rank": A.shape[0], "requested_rank": rank}
         if cfg.adapter_bits:
             args = QuantArgs(bits=cfg.adapter_bits, group_size=-1, scale_dtype=stats["scale_dtype"])
-            A, B = quantize_rtn(A, args)[3], quantize_rtn(B, args)[3]
+            if cfg.adapter_quant == "gptq":
+                H = stats["hessian"].float()
+                A = gptq_quantize(A, H, args).W_hat
+                B = gptq_quantize(B, A @ H @ A.t(), args).W_hat
+            else:
+                A, B = quantize_rtn(A, args)[3], quantize_rtn(B, args)[3]
+            info["adapter_quant"] = cfg.adapter_quant
             # codes + one fp16 scale per row of A [r, IC] and of B [OC, r]
             info["packed_bytes"] = (A.numel() + B.numel()) * cfg.adapter_bits // 8 + 2 * (A.shape[0] + B.shape[0])
             info["adapter_bits"] = cfg.adapter_bits

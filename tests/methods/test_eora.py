@@ -81,3 +81,17 @@ def test_adapter_bits_round_a_and_b_on_the_grid():
     assert ad.info["packed_bytes"] == (8 * 64 + 48 * 8) // 2 + 2 * (8 + 48)
     full = _out_err(X, W, W_hat, *low_rank_compensation(W, W_hat, 8, "eora", C)[:2])
     assert full < _out_err(X, W, W_hat, ad.B, ad.A) < float(((W - W_hat) @ X.t()).norm())
+
+
+def test_gptq_rounding_of_the_adapter_beats_rtn_on_the_layer_output():
+    from calq.methods.eora import EoRA, EoRAConfig
+
+    X, W, W_hat, C = _setup()
+    stats = {"original_weight": W, "hessian": C, "input_absmean": X.abs().mean(0), "scale_dtype": torch.float16}
+    err = {}
+    for q in ("rtn", "gptq"):
+        ad = EoRA(EoRAConfig(method="eora", rank=8, adapter_bits=3, adapter_quant=q)).apply("m", W_hat, stats)
+        assert max(len(torch.unique(row)) for row in ad.A) <= 8 and ad.info["adapter_quant"] == q
+        err[q] = _out_err(X, W, W_hat, ad.B, ad.A)
+    full = _out_err(X, W, W_hat, *low_rank_compensation(W, W_hat, 8, "eora", C)[:2])
+    assert full < err["gptq"] < err["rtn"], (full, err)
