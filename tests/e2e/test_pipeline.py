@@ -128,7 +128,8 @@ def test_bundled_recipe_runs_and_meets_expect(recipe, tmp_path):
                 "peak_rss_bytes", "bits_per_weight", "checkpoint_bytes", "dense_bytes", "evaluation", "modules"):
         assert key in data
     assert data["evaluation"][0]["ppl"] > 0 and data["evaluation"][0]["baseline_ppl"] > 0
-    assert all(0 < m["rel_error"] < 1 for m in data["modules"])
+    # block-scope records (quamba, ptq161) replace whole submodules: no single-Linear error to report
+    assert all(0 < m["rel_error"] < 1 for m in data["modules"] if m["rel_error"] is not None)
     assert (out / "report.md").is_file() and (out / "recipe.yaml").is_file()
     quant = [st for st in data["recipe"]["stages"] if st["method"] in ("rtn", "gptq")]
     if quant and not any(st["method"] == "prune" for st in data["recipe"]["stages"]):

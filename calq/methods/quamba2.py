@@ -1,0 +1,58 @@
+"""Quamba2 (Chiang et al., ICML 2025; ../shared/methods/quamba.md): W8A8, W4A8, W4A16 for Mamba1 and Mamba2.
+
+On top of Quamba: norm folding and a Hadamard on the residual stream (`prepare`, exact in fp), GPTQ for 4-bit
+in_proj/out_proj (groups of 128; Mamba1's x_proj 4-bit RTN), and for Mamba2 sort-and-cluster of the conv output x
+(one scale per SSD group × head cluster × dim cluster) with per-state-group scales for B and C. W4A16 keeps
+activations and the SSM parameters in fp16. Not implemented: the W4AX evolutionary per-block search, quantized
+embedding / lm_head (H2T), and the W4A8 kernels' extra per-channel int8 scale.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from calq.methods.registry import Method, StageConfig, register
+from calq.methods.ssm.apply import quantize_mixer, rebuild_mixer
+from calq.methods.ssm.plan import QuantPlan
+from calq.methods.ssm.rotate import fold_norms, rotate_residual
+
+PRECISIONS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a16": (4, 16)}
+
+
+class Quamba2Config(StageConfig):
+    targets: list[str] = Field(default_factory=lambda: ["in_proj"])
+    precision: Literal["w8a8", "w4a8", "w4a16"] = "w8a8"
+    percentile: float | None = Field(0.99999, gt=0, le=1)   # Mamba1's u; Mamba2 uses sort-and-cluster instead
+    hadamard: bool = True                                  # rotate y before out_proj
+    residual_hadamard: bool = True                         # fold norms, rotate the residual stream
+    clusters: int = Field(4, ge=0, le=16)      # Mamba2 x: head and dim clusters per SSD group; 0 = one scale
+    group_size: int = Field(128, ge=1)                     # 4-bit weight groups along the input dim
+    gptq: bool = True                                      # 4-bit in/out_proj with GPTQ (false: RTN)
+    dampening_frac: float = Field(0.01, gt=0)
+
+
+@register("quamba2")
+class Quamba2(Method):
+    Config = Quamba2Config
+    scope = "block"
+
+    def prepare(self, model, ctx) -> None:
+        if self.config.residual_hadamard:
+            fold_norms(model)
+            self.residual = rotate_residual(model)
+
+    def apply_block(self, ctx):
+        cfg = self.config
+        w_bits, a_bits = PRECISIONS[cfg.precision]
+        plan = QuantPlan(w_bits=w_bits, a_bits=a_bits, percentile=cfg.percentile, hadamard_y=cfg.hadamard,
+                         group_size=cfg.group_size, gptq=cfg.gptq, dampening_frac=cfg.dampening_frac,
+                         clusters=cfg.clusters)
+        rec = quantize_mixer(ctx, plan, self.name, ("mamba1", "mamba2"))
+        rec.meta["residual_hadamard"] = getattr(self, "residual", None)
+        return [rec]
+
+    @classmethod
+    def rebuild(cls, model, name, tensors, meta):
+        return rebuild_mixer(model, name, tensors, meta)
