@@ -116,9 +116,13 @@ def inspect(path: Path = typer.Argument(..., help="A calq output directory."),
     for c in ("module", "bits", "layout", "group", "sym", "bits/weight", "bytes", "note"):
         t.add_column(c)
     for r in rows:
-        t.add_row(r["name"], str(r["bits"]), r["layout"], str(r["group_size"]), str(r["symmetric"]),
+        t.add_row(r["name"], str(r["bits"]), r["layout"], _dash(r["group_size"]), _dash(r["symmetric"]),
                   f"{r['bits_per_weight']:.3f}", str(r["bytes"]), r["note"])
     console.print(t)
+
+
+def _dash(v) -> str:
+    return "-" if v is None else str(v)
 
 
 @recipes_app.command("list")

@@ -50,7 +50,7 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
         rows.append({"name": name, "method": meta["method"], "bits": meta.get("bits", "-"),
                      "layout": meta.get("layout", meta["method"]), "strategy": "calq", "group_size": None,
                      "symmetric": None, "shape": meta.get("shape"), "bytes": nbytes,
-                     "bits_per_weight": 8 * nbytes / meta["n_weights"], "note": "calq format; loads with calq.load"})
+                     "bits_per_weight": 8 * nbytes / meta["n_weights"], "note": "calq format (calq.load)"})
     for name in sorted(shapes):
         _, g = _group_of(name, qcfg["config_groups"])
         w = g["weights"]
