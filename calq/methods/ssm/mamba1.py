@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calq.methods.gptq import accumulate_hessian
 from calq.methods.ssm.hadamard import Hadamard
-from calq.methods.ssm.observers import MinMax, PercentileEMA, fake_quant, scale_from
+from calq.methods.ssm.observers import MinMax, PercentileEMA, QuantPoints, scale_from
 from calq.methods.ssm.plan import QuantPlan
 from calq.methods.ssm.weights import QWeight, quant_groups_gptq, quant_groups_rtn, quant_per_tensor
 from calq.zoo.scan import chunked_selective_scan
@@ -32,7 +31,7 @@ LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 SSM_PARAMS = ("conv_w", "conv_b", "dt_bias", "A_log", "D")
 
 
-class QMamba1Mixer(nn.Module):
+class QMamba1Mixer(QuantPoints):
     def __init__(self, mixer: nn.Module, plan: QuantPlan, had_y: Hadamard | None, mode: str = "calibrate"):
         super().__init__()
         if mixer.in_proj.bias is not None or mixer.out_proj.bias is not None:
@@ -59,20 +58,6 @@ class QMamba1Mixer(nn.Module):
             self.observers["u"] = PercentileEMA(plan.percentile)
         self.hessians: dict[str, tuple[torch.Tensor | None, int]] = {}
         self.qweights: dict[str, QWeight] = {}
-
-    # -- quantization points -------------------------------------------------------------------------------
-    def _act(self, site: str, v: torch.Tensor) -> torch.Tensor:
-        if self.mode == "calibrate":
-            self.observers[site].observe(v)
-            return v
-        if self.mode == "quant" and self.plan.quant_acts:
-            return fake_quant(v, getattr(self, f"s_{site}"))
-        return v
-
-    def _hessian(self, name: str, X: torch.Tensor) -> None:
-        if self.mode == "calibrate" and self.plan.w_bits == 4 and self.plan.gptq:
-            H, n = self.hessians.get(name, (None, 0))
-            self.hessians[name] = accumulate_hessian(H, X.reshape(-1, X.shape[-1]), n)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **_):

@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calq.methods.gptq import accumulate_hessian
 from calq.methods.ssm.cluster import Clusters, sort_and_cluster
 from calq.methods.ssm.hadamard import Hadamard
-from calq.methods.ssm.observers import ChannelStats, MinMax, fake_quant, scale_from
+from calq.methods.ssm.observers import ChannelStats, MinMax, QuantPoints, scale_from
 from calq.methods.ssm.plan import QuantPlan
 from calq.methods.ssm.ssd import gated_rmsnorm, ssd_scan
 from calq.methods.ssm.weights import QWeight, quant_groups_gptq, quant_groups_rtn, quant_per_tensor
@@ -25,7 +24,7 @@ from calq.methods.ssm.weights import QWeight, quant_groups_gptq, quant_groups_rt
 ACT_SITES = ("in", "z", "x", "B", "C", "dt", "x_conv", "B_conv", "C_conv", "y")
 
 
-class QMamba2Mixer(nn.Module):
+class QMamba2Mixer(QuantPoints):
     def __init__(self, mixer: nn.Module, plan: QuantPlan, had_y: Hadamard | None, mode: str = "calibrate"):
         super().__init__()
         if mixer.in_proj.bias is not None or mixer.out_proj.bias is not None or mixer.conv1d.bias is None:
@@ -54,19 +53,6 @@ class QMamba2Mixer(nn.Module):
 
     def _reset_observers(self) -> None:
         self.observers = {s: ChannelStats() if s.endswith("_conv") else MinMax() for s in ACT_SITES}
-
-    def _act(self, site: str, v: torch.Tensor) -> torch.Tensor:
-        if self.mode == "calibrate":
-            self.observers[site].observe(v)
-            return v
-        if self.mode == "quant" and self.plan.quant_acts:
-            return fake_quant(v, getattr(self, f"s_{site}"))
-        return v
-
-    def _hessian(self, name: str, X: torch.Tensor) -> None:
-        if self.mode == "calibrate" and self.plan.w_bits == 4 and self.plan.gptq:
-            H, n = self.hessians.get(name, (None, 0))
-            self.hessians[name] = accumulate_hessian(H, X.reshape(-1, X.shape[-1]), n)
 
     def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **_):
         if cache_params is not None:

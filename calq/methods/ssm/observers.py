@@ -8,6 +8,9 @@ where the spec says "per sample", walk its rows in order: the percentile EMA dep
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from calq.methods.gptq import accumulate_hessian
 
 
 def qmax(bits: int) -> int:
@@ -83,3 +86,21 @@ def scale_from(absmax: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """s = absmax / (2^(b-1) − 1) in fp32; an all-zero site gets s = 1 (any value codes 0 as 0)."""
     s = absmax.float() / qmax(bits)
     return torch.where(s > 0, s, torch.ones_like(s))
+
+
+class QuantPoints(nn.Module):
+    """What the simulated mixers share: a site observes (calibrate), fake-quantizes (quant) or passes (fp);
+    in calibrate mode, the inputs of Linears that GPTQ will quantize to 4 bits are folded into a Hessian."""
+
+    def _act(self, site: str, v: torch.Tensor) -> torch.Tensor:
+        if self.mode == "calibrate":
+            self.observers[site].observe(v)
+            return v
+        if self.mode == "quant" and self.plan.quant_acts:
+            return fake_quant(v, getattr(self, f"s_{site}"))
+        return v
+
+    def _hessian(self, name: str, X: torch.Tensor) -> None:
+        if self.mode == "calibrate" and self.plan.w_bits == 4 and self.plan.gptq:
+            H, n = self.hessians.get(name, (None, 0))
+            self.hessians[name] = accumulate_hessian(H, X.reshape(-1, X.shape[-1]), n)
