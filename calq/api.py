@@ -14,7 +14,7 @@ import torch
 
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
-from calq.calibration.engine import PrepareContext, run_blocks, stage_targets
+from calq.calibration.engine import ModuleResult, PrepareContext, run_blocks, stage_targets
 from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_forward
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
 from calq.eval.perplexity import perplexity, window_loss
@@ -211,7 +211,10 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     stages = [METHODS[s.method](s) for s in recipe.stages]
     for method in stages:
         method.prepare(model, PrepareContext(ids, device, cal.seed, run, progress))
-    return run(model, stages, onload, offload)
+    result = run(model, stages, onload, offload)
+    for method in stages:       # modules outside the blocks that a method compressed in prepare (already installed)
+        result.modules.extend(ModuleResult(rec, None, 0.0, 0) for rec in method.model_records())
+    return result
 
 
 def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | None = None,

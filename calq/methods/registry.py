@@ -10,7 +10,9 @@ A method declares:
   - or, with `scope = "block"`, `apply_block(ctx)`: what it does to a whole block given its inputs and the
     full-precision targets (block-wise training, PTQ1.61; module replacement, Quamba), returning records
     (`Packed` for calq's own storage, which `rebuild` reads back);
-  - optionally `prepare(model)`: exact model-level transforms before calibration (norm folding, rotations);
+  - optionally `prepare(model)`: exact model-level transforms before calibration (norm folding, rotations),
+    and `model_records()`: `Packed` records of modules outside the blocks that `prepare` compressed and installed
+    (Quamba2's embedding and lm_head), which join the block loop's records;
   - optionally `check_shape`, `compensates` and `calibrate_on` (below).
 The engine never branches on a method's name; everything it needs is declared here.
 """
@@ -103,6 +105,11 @@ class Method:
     def prepare(self, model, ctx) -> None:
         """Model-level work before the block loop (default: none): exact transforms such as norm folding and
         rotations, or a first compression pass (PTQ1.61's preprocessing). ctx: engine.PrepareContext."""
+
+    def model_records(self) -> list[Packed]:
+        """Records of modules outside the repeated blocks that this method compressed itself (in `prepare`),
+        already installed in the model; collected after the block loop (default: none)."""
+        return []
 
     def apply_block(self, ctx) -> list[Compressed | Adapter | Replaced | Packed]:
         """scope "block": compress the block in ctx (calibration/engine.py BlockContext)."""
