@@ -10,7 +10,8 @@ A method declares:
   - or, with `scope = "block"`, `apply_block(ctx)`: what it does to a whole block given its inputs and the
     full-precision targets (block-wise training, PTQ1.61; module replacement, Quamba), returning records
     (`Packed` for calq's own storage, which `rebuild` reads back);
-  - optionally `prepare(model)`: exact model-level transforms before calibration (norm folding, rotations),
+  - optionally `prepare(model, ctx)`: model-level work before the block loop (norm folding, rotations,
+    PTQ1.61's preprocessing pass),
     and `model_records()`: `Packed` records of modules outside the blocks that `prepare` compressed and installed
     (Quamba2's embedding and lm_head), which join the block loop's records;
   - optionally `check_shape`, `compensates` and `calibrate_on` (below).
