@@ -50,3 +50,26 @@ def unigram_perplexity(train_ids: list[int] | torch.Tensor, windows: torch.Tenso
     logp = freq.log() - freq.sum().log()
     targets = windows[:, 1:]                         # the same predicted tokens as window_losses
     return math.exp(-logp[targets].mean().item())
+
+
+@torch.no_grad()
+def next_token_logprobs(model, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu"):
+    """fp32 log-probabilities of every predicted position, per batch of windows: [[b, T-1, V], ...] on CPU."""
+    return [model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits[:, :-1].float()
+            .log_softmax(-1).cpu() for i in range(0, windows.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def kl_to_reference(model, windows: torch.Tensor, reference: list[torch.Tensor], batch_size: int = 8,
+                    device: str | torch.device = "cpu") -> float:
+    """Mean KL(reference ‖ model) per predicted token, in nats; reference from `next_token_logprobs`.
+
+    The fidelity a compression keeps: unlike perplexity it cannot improve when two errors happen to cancel.
+    """
+    total, n = 0.0, 0
+    for i, ref in zip(range(0, windows.shape[0], batch_size), reference, strict=True):
+        lp = model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits[:, :-1].float()
+        lp = lp.log_softmax(-1).cpu()
+        total += (ref.exp() * (ref - lp)).sum().item()
+        n += ref.shape[0] * ref.shape[1]
+    return total / n

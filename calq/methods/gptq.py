@@ -82,7 +82,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, block_size:
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = torch.arange(IC, device=W.device)
-    Hinv, damp = _inverse_cholesky(H, dampening_frac, max_damp_tries)
+    Hinv, damp = inverse_cholesky(H, dampening_frac, max_damp_tries)
     if Hinv is None:
         return _rtn_fallback(W_orig, args, damp)
 
@@ -132,7 +132,7 @@ def _column_qparams(W1, i, c, scale, zero, g, args, static):
     return scale[:, c // g], None if zero is None else zero[:, c // g]
 
 
-def _inverse_cholesky(H: torch.Tensor, frac: float, tries: int) -> tuple[torch.Tensor | None, float]:
+def inverse_cholesky(H: torch.Tensor, frac: float, tries: int) -> tuple[torch.Tensor | None, float]:
     """Upper Cholesky factor of (H + frac·mean(diag H)·I)⁻¹, raising frac tenfold after each failure."""
     eye = torch.eye(H.shape[0], device=H.device)
     mean_diag = torch.diag(H).mean()

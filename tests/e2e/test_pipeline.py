@@ -10,7 +10,7 @@ import torch
 import calq
 from calq.api import compress_model, load_model
 from calq.calibration.data import evaluation_windows, load_text
-from calq.eval.perplexity import perplexity
+from calq.eval.perplexity import kl_to_reference, next_token_logprobs, perplexity
 from calq.export.writer import write_checkpoint
 from calq.recipe.load import RECIPES_DIR, load_recipe
 from calq.recipe.schema import validate_recipe
@@ -211,3 +211,23 @@ def test_eora_orders_layer_errors_against_svd():
         errs[basis] = {a.adapter.name: a.rel_error_after for a in res.adapters}
     # EoRA is the exact minimiser of the output error on its calibration inputs, module by module.
     assert all(errs["eora"][n] <= errs["svd"][n] * 1.001 for n in errs["eora"]), errs
+
+
+@pytest.mark.parametrize("base", [{"method": "prune", "sparsity": "2:4"},
+                                  {"method": "prune", "sparsity": "2:4", "criterion": "sparsegpt"},
+                                  {"method": "rtn", "bits": 2, "group_size": 128}],
+                         ids=["magnitude-2:4", "sparsegpt-2:4", "rtn-w2g128"])
+def test_compensation_orders_end_to_end(base, eval_windows):
+    # The EoRA issue's claim, whole model: none > svd > eora at the same rank (16), in perplexity and in KL to the
+    # dense model. GPTQ W3 g128 is not used: on this model it is almost lossless (benchmarks/compensation_table.py).
+    dense_model, _, _ = load_model("zoo:llama")
+    dense = next_token_logprobs(dense_model, eval_windows)
+    got = {}
+    for basis in ("none", "svd", "eora"):
+        model, tok, dtype = load_model("zoo:llama")
+        stages = [base] + ([] if basis == "none" else [{"method": "eora", "rank": 16, "basis": basis}])
+        recipe = validate_recipe({"model": "zoo:llama", "calibration": CALIB, "stages": stages})
+        compress_model(model, tok, recipe, torch.device("cpu"), dtype)
+        got[basis] = (perplexity(model, eval_windows), kl_to_reference(model, eval_windows, dense))
+    for i, metric in enumerate(("ppl", "kl")):
+        assert got["none"][i] > got["svd"][i] > got["eora"][i], (metric, got)
