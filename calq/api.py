@@ -402,28 +402,43 @@ def _check_expect(recipe: Recipe, report: Report) -> dict | None:
 
 
 def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048, max_windows: int | None = None,
-             device: str = "auto", batch_size: int = 8, progress: Progress | None = None) -> list[dict]:
-    """Perplexity of a dense model (dir, hub id, zoo:NAME) or a calq checkpoint read back from disk."""
+             device: str = "auto", batch_size: int = 8, progress: Progress | None = None,
+             offload: str = "auto") -> list[dict]:
+    """Perplexity of a dense model (dir, hub id, zoo:NAME) or a calq checkpoint read back from disk.
+
+    offload "disk" reads one block at a time from the safetensors files (as `compress --offload disk`), so a model
+    larger than RAM can be scored; "auto" picks it when the files exceed half the available RAM."""
     from calq.calibration.data import parse_dataset_spec
 
     datasets = datasets or ["stdlib:test"]
     for spec in datasets:   # cheap checks before the model loads
         parse_dataset_spec(spec)
     dev = resolve_device(device)
-    model, tokenizer, _ = load_model(target)
+    mode = choose_offload(offload, resolve_model(target))
+    if mode == "disk":
+        model, disk, tokenizer = _load_disk(target, torch.float32)
+        score = _streamed_ppl(disk, dev, torch.float32)
+    else:
+        model, tokenizer, _ = load_model(target)
+        model.to(dev)
+        disk = None
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         raise CalqError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {max_pos}",
                         f"use --seq-len {max_pos} or less")
-    model.to(dev)
     results = []
     for spec in datasets:
         w = evaluation_windows(load_text(spec, "evaluation"), tokenizer, seq_len, max_windows)
-        cb = (lambda d, n, s=spec: progress({"event": "eval", "dataset": s, "done": d, "total": n})) \
-            if progress else None
-        ppl = perplexity(model, w, batch_size=batch_size, device=dev, on_batch=cb)
+        if disk is not None:       # block by block over all windows: progress is per dataset
+            ppl = score(w, batch_size)
+            if progress:
+                progress({"event": "eval", "dataset": spec, "done": w.shape[0], "total": w.shape[0]})
+        else:
+            cb = (lambda d, n, s=spec: progress({"event": "eval", "dataset": s, "done": d, "total": n})) \
+                if progress else None
+            ppl = perplexity(model, w, batch_size=batch_size, device=dev, on_batch=cb)
         results.append({"target": target, "dataset": spec, "seq_len": seq_len, "windows": int(w.shape[0]),
-                        "ppl": ppl})
+                        "ppl": ppl, "offload": mode})
     return results
 
 

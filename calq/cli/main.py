@@ -84,12 +84,15 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
              dataset: list[str] = typer.Option(["stdlib:test"], "--dataset", help="Dataset spec; repeatable."),
              seq_len: int = typer.Option(2048), max_windows: int | None = typer.Option(None),
              device: str = typer.Option("auto"), batch_size: int = typer.Option(8),
+             offload: str = typer.Option("auto", help="Where weights rest: cpu (RAM) or disk (read one block at a "
+                                         "time from the safetensors files); auto picks disk when they exceed "
+                                         "half the available RAM."),
              as_json: bool = typer.Option(False, "--json", help="One JSON object per dataset.")):
     """Perplexity (GPTQ protocol: non-overlapping windows) of a model read back from disk."""
     from calq import api
 
     results = _run(api.evaluate, target, dataset, seq_len=seq_len, max_windows=max_windows, device=device,
-                   batch_size=batch_size)
+                   batch_size=batch_size, offload=offload)
     if as_json:
         for r in results:
             print(json.dumps(r))

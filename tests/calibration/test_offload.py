@@ -79,6 +79,12 @@ def test_disk_writes_the_in_ram_checkpoint(stages, tmp_path, tokenizer, watch_on
     assert disk.evaluation[0].ppl != disk.evaluation[0].baseline_ppl
     assert [m.bytes for m in disk.modules] == [m.bytes for m in ram.modules]
     assert disk.bits_per_weight == ram.bits_per_weight
+    # `calq evaluate --offload disk` streams the written checkpoint the same way
+    kw = {"seq_len": 64, "max_windows": 4, "batch_size": 2, "device": "cpu"}
+    streamed = calq.evaluate(str(tmp_path / "disk"), offload="disk", **kw)
+    assert watch_onload == [1] * 16 and streamed[0]["offload"] == "disk"
+    assert streamed[0]["ppl"] == calq.evaluate(str(tmp_path / "ram"), offload="cpu", **kw)[0]["ppl"] \
+        == disk.evaluation[0].ppl
     if stages == "gptq":
         _assert_same_logits(tmp_path / "ram", tmp_path / "disk", tokenizer)
 

@@ -1,5 +1,6 @@
 """Bad input: one line naming the problem and the fix, exit 2, and nothing written."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,15 @@ def test_offload_mode_and_hub_model_on_disk(tmp_path, tiny_llama_dir):
            "unknown offload mode 'ram' — use auto, cpu or disk", out)
     _fails(["compress", str(_recipe(tmp_path, "org/model")), "-o", str(out), "--offload", "disk"],
            "disk offload reads safetensors files from a local folder", out)
+
+
+def test_evaluate_offload(tmp_path):
+    _fails(["evaluate", "org/some-model", "--offload", "disk"], "local folder")
+    _fails(["evaluate", "zoo:llama", "--offload", "ram"], "unknown offload mode")
+    ppl = {}
+    for mode in ("cpu", "disk"):
+        res = runner.invoke(app, ["evaluate", "zoo:llama", "--seq-len", "64", "--max-windows", "3", "--json",
+                                  "--offload", mode, "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        ppl[mode] = json.loads(res.stdout.strip().splitlines()[-1])["ppl"]
+    assert ppl["cpu"] == ppl["disk"]               # the same ops on the same batches, one block read at a time
