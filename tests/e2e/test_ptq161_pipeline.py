@@ -1,4 +1,4 @@
-"""PTQ1.61 end to end on the bundled Llama: learned scales beat the mask alone, shared masks, exact reload."""
+"""PTQ1.61 end to end on the bundled Llama: learned scales beat the mask alone, shared masks, exact reload, EoRA."""
 
 from __future__ import annotations
 
@@ -78,3 +78,15 @@ def test_checkpoint_reload_is_exact_and_masks_are_shared(learned, windows, tmp_p
     assert set(rows) == set(per_module)
     for r in rows.values():
         assert r["method"] == "ptq161" and 1.6 < r["bits_per_weight"] < 2.0   # short rows: scales weigh more
+
+
+def test_eora_compensates_ptq161(learned, windows, tmp_path):
+    # The EoRA issue: `eora` follows any compression stage, PTQ1.61's calq-packed Linears included.
+    recipe = validate_recipe({"model": "zoo:llama", "calibration": CALIB,
+                              "stages": [{"method": "ptq161", "epochs": 2}, {"method": "eora", "rank": 16}],
+                              "evaluation": {"seq_len": 512, "max_windows": 8}})
+    report = calq.compress(recipe, tmp_path / "out", device="cpu")
+    assert len(report.adapters) == 28
+    assert all(a.rel_error_after < a.rel_error_before for a in report.adapters)
+    # scored on the checkpoint read back from disk (packed PTQ1.61 weights + PEFT adapter)
+    assert report.evaluation[0].ppl < perplexity(learned[0], windows)
