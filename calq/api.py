@@ -228,7 +228,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
     "auto" picks disk when the weights exceed half of the available RAM. The checkpoint is the same.
     """
     from calq.export.reader import load_checkpoint
-    from calq.export.writer import ShardedWriter, write_checkpoint
+    from calq.export.writer import ShardedWriter, publish, write_checkpoint
 
     t0 = time.time()
     overrides = {"model": model, "calibration": {"seed": seed, "num_samples": num_samples, "seq_len": seq_len}}
@@ -353,9 +353,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                for m in result.replaced])
         report.expect = _check_expect(recipe, report)
         write_report(report, tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

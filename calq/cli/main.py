@@ -106,6 +106,25 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
 
 
 @app.command()
+def export(checkpoint: Path = typer.Argument(..., help="A calq output directory (compressed-tensors)."),
+           output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
+           format: str = typer.Option("gptq", help="gptq: AutoGPTQ/GPTQModel v1 layout (qweight, qzeros, scales)."),
+           overwrite: bool = typer.Option(False, "--overwrite")):
+    """Rewrite a checkpoint in another format; tokenizer, recipe, report and adapter/ are copied along."""
+    from calq.errors import CalqError
+    from calq.export.gptq import export_gptq
+
+    def run():
+        if format != "gptq":
+            raise CalqError(f"unknown export format {format!r}", "use --format gptq")
+        return export_gptq(checkpoint, output, overwrite)
+
+    cfg = _run(run)
+    console.print(f"wrote [bold]{output}[/] (GPTQ v1: {cfg['bits']}-bit, group_size {cfg['group_size']}, "
+                  f"sym {cfg['sym']})")
+
+
+@app.command()
 def inspect(path: Path = typer.Argument(..., help="A calq output directory."),
             as_json: bool = typer.Option(False, "--json")):
     """Per module: method, bits, layout, group size, effective bits/weight, bytes."""

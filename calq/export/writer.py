@@ -11,6 +11,8 @@ Every tensor of the model's state dict is stored in the model's dtype, except th
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +20,18 @@ from safetensors.torch import save_file
 
 from calq.export.ct import ct_quantization_config, ct_tensors
 from calq.methods.base import Compressed, Packed
+
+
+def publish(tmp: Path, output: Path) -> None:
+    """Move the finished temp folder to output (replacing it: the caller checked --overwrite). mkdtemp and
+    safetensors create owner-only folders and files; give them the permissions of any new file first."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [tmp, *tmp.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
 
 
 def tied_output_key(model) -> str | None:
