@@ -121,6 +121,31 @@ def _check_stages(recipe: Recipe, model) -> None:
                                   "pick a value that divides it (group_size -1 means one group per channel)")
 
 
+def _check_activation_memory(recipe: Recipe, model, dtype: torch.dtype) -> None:
+    """Fail before any work when the calibration activations cannot fit in the RAM left after loading.
+
+    The engine holds every sample's hidden states on CPU twice (a block's inputs and its outputs), and twice
+    more for methods that also follow the full-precision path (PTQ1.61)."""
+    from calq.calibration import offload as offload_lib
+
+    cal = recipe.calibration
+    streams = 4 if any("fp_path" in METHODS[s.method](s).needs for s in recipe.stages) else 2
+    hidden = model.get_input_embeddings().embedding_dim
+    need = cal.num_samples * cal.seq_len * hidden * streams * torch.finfo(dtype).bits // 8
+    have = offload_lib.available_ram()
+    if need > have:
+        raise CalqError(f"the calibration activations need about {_size(need)} ({cal.num_samples} samples x "
+                        f"{cal.seq_len} tokens x hidden {hidden} x {streams} copies), but only {_size(have)} of RAM "
+                        "is available", "use fewer --num-samples or a shorter --seq-len")
+
+
+def _size(n: int) -> str:
+    for unit, b in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= b:
+            return f"{n / b:.1f} {unit}"
+    return f"{n / 1024:.0f} KiB"
+
+
 def _prepare_output(output: Path, overwrite: bool) -> Path:
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise CalqError(f"output directory {output} exists and is not empty", "pass --overwrite or pick another")
@@ -255,6 +280,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             model_, tokenizer, _ = load_model(recipe.model, dtype=None)
         store_dtype = next(model_.parameters()).dtype
         _check_stages(recipe, model_)
+        _check_activation_memory(recipe, model_, compute_dtype(dev, store_dtype))
         timings["load"] = time.time() - t
 
         windows_cache: dict = {}
