@@ -25,6 +25,7 @@ from calq.recipe.schema import validate_recipe
 # has settings that do measurable damage here, as GPTQ W3 does to LLaMA3-8B in the paper.
 BASES = {"gptq-w3g128": {"method": "gptq", "bits": 3, "group_size": 128},
          "gptq-w3": {"method": "gptq", "bits": 3, "group_size": -1},           # the paper's setting: no groups
+         "rtn-w3g128": {"method": "rtn", "bits": 3, "group_size": 128},
          "rtn-w2g128": {"method": "rtn", "bits": 2, "group_size": 128},
          "prune-2:4": {"method": "prune", "sparsity": "2:4"},                  # magnitude
          "sparsegpt-2:4": {"method": "prune", "sparsity": "2:4", "criterion": "sparsegpt"}}

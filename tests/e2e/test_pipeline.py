@@ -215,11 +215,13 @@ def test_eora_orders_layer_errors_against_svd():
 
 @pytest.mark.parametrize("base", [{"method": "prune", "sparsity": "2:4"},
                                   {"method": "prune", "sparsity": "2:4", "criterion": "sparsegpt"},
+                                  {"method": "rtn", "bits": 3, "group_size": 128},
                                   {"method": "rtn", "bits": 2, "group_size": 128}],
-                         ids=["magnitude-2:4", "sparsegpt-2:4", "rtn-w2g128"])
+                         ids=["magnitude-2:4", "sparsegpt-2:4", "rtn-w3g128", "rtn-w2g128"])
 def test_compensation_orders_end_to_end(base, eval_windows):
     # The EoRA issue's claim, whole model: none > svd > eora at the same rank (16), in perplexity and in KL to the
-    # dense model. GPTQ W3 g128 is not used: on this model it is almost lossless (benchmarks/compensation_table.py).
+    # dense model. GPTQ W3 g128 is not used: on this model it leaves almost nothing to compensate (+0.14% ppl,
+    # benchmarks/compensation_table.py), so its perplexity differences are below what the windows resolve.
     dense_model, _, _ = load_model("zoo:llama")
     dense = next_token_logprobs(dense_model, eval_windows)
     got = {}
