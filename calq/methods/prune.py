@@ -66,9 +66,10 @@ def prune_mask(score: torch.Tensor, sparsity: str) -> torch.Tensor:
 
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: str, block_size: int = 128,
-                    dampening_frac: float = 0.01) -> torch.Tensor:
+                    dampening_frac: float = 0.01) -> torch.Tensor | None:
     """SparseGPT: W [OC, IC] pruned against H [IC, IC] (any positive multiple of XᵀX). Returns the pruned fp32
-    weight, its zeros exactly where the mask says and its kept weights updated to absorb the pruned ones' error."""
+    weight, its zeros exactly where the mask says and its kept weights updated to absorb the pruned ones' error;
+    None if H has no Cholesky factor even after raising the damping."""
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     OC, IC = W.shape
@@ -80,7 +81,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: str, block_size:
     W[:, dead] = 0
     U, _ = inverse_cholesky(H, dampening_frac, 5)
     if U is None:
-        raise ValueError("the input Hessian has no Cholesky factor even with damping; check the calibration data")
+        return None
     for i1 in range(0, IC, block_size):
         i2 = min(i1 + block_size, IC)
         W1 = W[:, i1:i2].clone()                                # [OC, B]
@@ -123,12 +124,16 @@ class Prune(Method):
 
     def apply(self, name, W, stats) -> Replaced:
         cfg = self.config
+        info = {"sparsity": cfg.sparsity, "criterion": cfg.criterion}
+        W_hat = None
         if cfg.criterion == "sparsegpt":
             W_hat = sparsegpt_prune(W, stats["hessian"], cfg.sparsity, cfg.block_size, cfg.dampening_frac)
-        else:
+            if W_hat is None:        # as GPTQ: never abort a run on one layer's numerics
+                info["fallback"] = "wanda (no Cholesky factor of the Hessian even after raising the damping)"
+        if W_hat is None:
             score = W.abs()
-            if cfg.criterion == "wanda":
+            if cfg.criterion != "magnitude":
                 score = score * torch.diag(stats["hessian"]).clamp_min(0).sqrt()[None, :]
             W_hat = W * prune_mask(score, cfg.sparsity)
-        return Replaced(name, "prune", W_hat, info={"sparsity": cfg.sparsity, "criterion": cfg.criterion,
-                                                    "zeros": float((W_hat == 0).float().mean())})
+        info["zeros"] = float((W_hat == 0).float().mean())
+        return Replaced(name, "prune", W_hat, info=info)

@@ -93,3 +93,12 @@ def test_stage_checks_that_m_divides_the_layer():
     assert Prune(PruneConfig(method="prune", sparsity="2:4")).check_shape((8, 128)) is None
     with pytest.raises(ValueError, match="N:M"):
         PruneConfig(method="prune", sparsity="4:2")
+
+
+def test_sparsegpt_falls_back_to_wanda_when_the_hessian_has_no_factor():
+    W, _ = _correlated(6)
+    H = -torch.eye(IC)                                    # no damping makes this positive definite
+    assert sparsegpt_prune(W, H, "2:4") is None
+    rec = Prune(PruneConfig(method="prune", criterion="sparsegpt")).apply("m", W, {"hessian": H})
+    assert "wanda" in rec.info["fallback"]
+    assert ((rec.W_new.reshape(OC, -1, 4) == 0).sum(-1) == 2).all()
