@@ -127,3 +127,20 @@ def test_what_gptq_cannot_hold_is_one_line_and_no_output(stage, needle, tmp_path
     text = res.stderr or res.output
     assert len(text.strip().splitlines()) == 1 and needle in " ".join(text.split()), text
     assert not (tmp_path / "gptq").exists() and not list(tmp_path.glob(".gptq.tmp-*"))
+
+
+def test_sharded_checkpoint_exports_shard_by_shard(tmp_path, tiny_llama_dir):
+    from calq.export.gptq import export_gptq
+
+    recipe = validate_recipe({"model": str(tiny_llama_dir), **SMALL,
+                              "stages": [{"method": "gptq", "bits": 4, "group_size": 32}]})
+    calq.compress(recipe, tmp_path / "ct", device="cpu", offload="disk", evaluate=False)   # one shard per block
+    export_gptq(tmp_path / "ct", tmp_path / "gptq")
+    index = json.loads((tmp_path / "gptq" / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(p.name for p in (tmp_path / "gptq").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "ct").glob("*.safetensors")) and len(shards) == 3
+    assert set(index.values()) == set(shards)
+    for key, shard in index.items():
+        with safe_open(tmp_path / "gptq" / shard, "pt") as st:
+            assert key in st.keys()
+    assert sum(k.endswith(".qweight") for k in index) == 14 and not any("weight_packed" in k for k in index)
