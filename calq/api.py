@@ -17,7 +17,7 @@ from calq.calibration.data import calibration_windows, evaluation_windows, load_
 from calq.calibration.engine import ModuleResult, PrepareContext, run_blocks, stage_targets
 from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_forward
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
-from calq.eval.perplexity import perplexity, window_loss
+from calq.eval.perplexity import kl_to_reference, perplexity, window_loss
 from calq.eval.report import (
     AdapterRecord,
     EvalResult,
@@ -427,11 +427,12 @@ def _check_expect(recipe: Recipe, report: Report) -> dict | None:
 
 def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048, max_windows: int | None = None,
              device: str = "auto", batch_size: int = 8, progress: Progress | None = None,
-             offload: str = "auto") -> list[dict]:
+             offload: str = "auto", reference: str | None = None) -> list[dict]:
     """Perplexity of a dense model (dir, hub id, zoo:NAME) or a calq checkpoint read back from disk.
 
     offload "disk" reads one block at a time from the safetensors files (as `compress --offload disk`), so a model
-    larger than RAM can be scored; "auto" picks it when the files exceed half the available RAM."""
+    larger than RAM can be scored; "auto" picks it when the files exceed half the available RAM.
+    reference: a model (typically the dense one) to report KL(reference ‖ target) per token against, alongside."""
     from calq.calibration.data import parse_dataset_spec
 
     datasets = datasets or ["stdlib:test"]
@@ -439,6 +440,11 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
         parse_dataset_spec(spec)
     dev = resolve_device(device)
     mode = choose_offload(offload, resolve_model(target))
+    if reference is not None and mode == "disk":
+        if offload == "disk":
+            raise CalqError("--reference runs both models side by side, which disk offload does not do",
+                            "use --offload cpu, or leave out --reference")
+        mode = "cpu"
     if mode == "disk":
         model, disk, tokenizer = _load_disk(target, torch.float32)
         score = _streamed_ppl(disk, dev, torch.float32)
@@ -446,6 +452,7 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
         model, tokenizer, _ = load_model(target)
         model.to(dev)
         disk = None
+    ref_model = load_model(reference, with_tokenizer=False)[0].to(dev) if reference is not None else None
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         raise CalqError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {max_pos}",
@@ -461,8 +468,15 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
             cb = (lambda d, n, s=spec: progress({"event": "eval", "dataset": s, "done": d, "total": n})) \
                 if progress else None
             ppl = perplexity(model, w, batch_size=batch_size, device=dev, on_batch=cb)
-        results.append({"target": target, "dataset": spec, "seq_len": seq_len, "windows": int(w.shape[0]),
-                        "ppl": ppl, "offload": mode})
+        row = {"target": target, "dataset": spec, "seq_len": seq_len, "windows": int(w.shape[0]), "ppl": ppl,
+               "offload": mode}
+        if ref_model is not None:
+            try:
+                row["kl_to_reference"] = kl_to_reference(model, w, ref_model, batch_size, dev)
+            except ValueError as e:
+                raise CalqError(f"--reference {reference}: {e}", "compare models with the same tokenizer") from e
+            row["reference"] = reference
+        results.append(row)
     return results
 
 

@@ -87,21 +87,25 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
              offload: str = typer.Option("auto", help="Where weights rest: cpu (RAM) or disk (read one block at a "
                                          "time from the safetensors files); auto picks disk when they exceed "
                                          "half the available RAM."),
+             reference: str | None = typer.Option(None, help="Also report KL(reference ‖ model) per token, e.g. "
+                                                   "against the dense model the checkpoint came from."),
              as_json: bool = typer.Option(False, "--json", help="One JSON object per dataset.")):
     """Perplexity (GPTQ protocol: non-overlapping windows) of a model read back from disk."""
     from calq import api
 
     results = _run(api.evaluate, target, dataset, seq_len=seq_len, max_windows=max_windows, device=device,
-                   batch_size=batch_size, offload=offload)
+                   batch_size=batch_size, offload=offload, reference=reference)
     if as_json:
         for r in results:
             print(json.dumps(r))
         return
     t = Table(title=f"perplexity of {target}")
-    for c in ("dataset", "seq_len", "windows", "ppl"):
+    cols = ("dataset", "seq_len", "windows", "ppl") + (("KL to reference",) if reference else ())
+    for c in cols:
         t.add_column(c)
     for r in results:
-        t.add_row(r["dataset"], str(r["seq_len"]), str(r["windows"]), f"{r['ppl']:.3f}")
+        kl = (f"{r['kl_to_reference']:.3e}",) if reference else ()
+        t.add_row(r["dataset"], str(r["seq_len"]), str(r["windows"]), f"{r['ppl']:.3f}", *kl)
     console.print(t)
 
 

@@ -60,16 +60,27 @@ def next_token_logprobs(model, windows: torch.Tensor, batch_size: int = 8, devic
 
 
 @torch.no_grad()
-def kl_to_reference(model, windows: torch.Tensor, reference: list[torch.Tensor], batch_size: int = 8,
+def kl_to_reference(model, windows: torch.Tensor, reference, batch_size: int = 8,
                     device: str | torch.device = "cpu") -> float:
-    """Mean KL(reference ‖ model) per predicted token, in nats; reference from `next_token_logprobs`.
+    """Mean KL(reference ‖ model) per predicted token, in nats. reference: `next_token_logprobs` of the
+    reference model on the same windows and batch size, or the reference model itself (run batch by batch).
 
     The fidelity a compression keeps: unlike perplexity it cannot improve when two errors happen to cancel.
     """
     total, n = 0.0, 0
-    for i, ref in zip(range(0, windows.shape[0], batch_size), reference, strict=True):
-        lp = model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits[:, :-1].float()
-        lp = lp.log_softmax(-1).cpu()
+    for j, i in enumerate(range(0, windows.shape[0], batch_size)):
+        ids = windows[i:i + batch_size].to(device)
+        if isinstance(reference, list):
+            ref = reference[j]
+        else:
+            ref = reference(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1).cpu()
+        lp = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1).cpu()
+        if lp.shape[-1] != ref.shape[-1]:
+            raise ValueError(f"the reference predicts {ref.shape[-1]} tokens, the model {lp.shape[-1]}")
+        if lp.shape != ref.shape:
+            raise ValueError("the reference log-probabilities were computed on other windows or batch size")
         total += (ref.exp() * (ref - lp)).sum().item()
         n += ref.shape[0] * ref.shape[1]
+    if isinstance(reference, list) and j + 1 != len(reference):
+        raise ValueError("the reference log-probabilities were computed on other windows or batch size")
     return total / n

@@ -140,6 +140,7 @@ def test_offload_mode_and_hub_model_on_disk(tmp_path, tiny_llama_dir):
 def test_evaluate_offload(tmp_path):
     _fails(["evaluate", "org/some-model", "--offload", "disk"], "local folder")
     _fails(["evaluate", "zoo:llama", "--offload", "ram"], "unknown offload mode")
+    _fails(["evaluate", "zoo:llama", "--offload", "disk", "--reference", "zoo:llama"], "use --offload cpu")
     ppl = {}
     for mode in ("cpu", "disk"):
         res = runner.invoke(app, ["evaluate", "zoo:llama", "--seq-len", "64", "--max-windows", "3", "--json",

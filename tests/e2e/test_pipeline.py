@@ -233,3 +233,22 @@ def test_compensation_orders_end_to_end(base, eval_windows):
         got[basis] = (perplexity(model, eval_windows), kl_to_reference(model, eval_windows, dense))
     for i, metric in enumerate(("ppl", "kl")):
         assert got["none"][i] > got["svd"][i] > got["eora"][i], (metric, got)
+
+
+def test_kl_to_reference_forms_agree_and_evaluate_reports_it(tmp_path, eval_windows):
+    model, tok, dtype = load_model("zoo:llama")
+    dense, _, _ = load_model("zoo:llama")
+    windows = eval_windows[:4]
+    assert kl_to_reference(dense, windows, dense, batch_size=2) == 0.0
+    compress_model(model, tok, _recipe("rtn", 3), torch.device("cpu"), dtype)
+    precomputed = kl_to_reference(model, windows, next_token_logprobs(dense, windows, batch_size=2), batch_size=2)
+    assert precomputed > 1e-4
+    assert kl_to_reference(model, windows, dense, batch_size=2) == pytest.approx(precomputed, rel=1e-6)
+    with pytest.raises(ValueError, match="other windows or batch size"):
+        kl_to_reference(model, windows, next_token_logprobs(dense, windows, batch_size=1), batch_size=2)
+    # `calq evaluate --reference`: the checkpoint read back from disk against the dense model
+    write_checkpoint(model.to(dtype), [], tmp_path, ["lm_head"])
+    tok.save_pretrained(tmp_path)
+    row = calq.evaluate(str(tmp_path), seq_len=512, max_windows=4, batch_size=2, device="cpu",
+                        reference="zoo:llama")[0]
+    assert row["reference"] == "zoo:llama" and row["kl_to_reference"] == pytest.approx(precomputed, rel=1e-3)
