@@ -130,12 +130,18 @@ def _check_activation_memory(recipe: Recipe, model, dtype: torch.dtype) -> None:
 
     cal = recipe.calibration
     streams = 4 if any("fp_path" in METHODS[s.method](s).needs for s in recipe.stages) else 2
+    tokens = cal.num_samples * cal.seq_len * streams
+    for s in recipe.stages:      # a stage's own data: one more stream, inputs and outputs
+        if s.calibration is not None:
+            tokens += 2 * (s.calibration.num_samples or cal.num_samples) * (s.calibration.seq_len or cal.seq_len)
     hidden = model.get_input_embeddings().embedding_dim
-    need = cal.num_samples * cal.seq_len * hidden * streams * torch.finfo(dtype).bits // 8
+    need = tokens * hidden * torch.finfo(dtype).bits // 8
     have = offload_lib.available_ram()
     if need > have:
         raise CalqError(f"the calibration activations need about {_size(need)} ({cal.num_samples} samples x "
-                        f"{cal.seq_len} tokens x hidden {hidden} x {streams} copies), but only {_size(have)} of RAM "
+                        f"{cal.seq_len} tokens x hidden {hidden} x {streams} copies"
+                        f"{' + per-stage data' if any(s.calibration for s in recipe.stages) else ''}), "
+                        f"but only {_size(have)} of RAM "
                         "is available", "use fewer --num-samples or a shorter --seq-len")
 
 
@@ -222,14 +228,22 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     batches = list(ids.split(cal.batch_size))
     dtype = compute_dtype(device, store_dtype)
 
+    def stage_batches(stage) -> list[torch.Tensor]:
+        c = stage.config.calibration
+        n, t, seed = c.num_samples or cal.num_samples, c.seq_len or cal.seq_len, cal.seed if c.seed is None else c.seed
+        return list(calibration_windows(load_text(c.dataset, "calibration"), tokenizer, n, t, seed)
+                    .split(cal.batch_size))
+
     def run(model, stages, onload=None, offload=None):
         prefix, blocks = find_blocks(model)
         move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU, visit the device one at a time
         inputs = capture_block_inputs(model, blocks[0], batches, device)
+        own = {k: capture_block_inputs(model, blocks[0], stage_batches(st), device)
+               for k, st in enumerate(stages) if st.config.calibration is not None}
         if progress:
             progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
         result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
-                            rest_dtype, onload, offload)
+                            rest_dtype, onload, offload, own)
         move_outside_blocks(model, blocks, "cpu", None)  # the blocks are on CPU already (or on meta, offloaded)
         return result
 

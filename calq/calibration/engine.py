@@ -222,7 +222,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                propagate: str = "quantized", compute_dtype: torch.dtype = torch.float32,
                rest_dtype: torch.dtype | None = None,
                onload: Callable[[int, nn.Module], None] | None = None,
-               offload: Callable[[int, nn.Module, EngineResult], None] | None = None) -> EngineResult:
+               offload: Callable[[int, nn.Module, EngineResult], None] | None = None,
+               stage_inputs: dict[int, list] | None = None) -> EngineResult:
     """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU.
 
     propagate: "quantized" feeds each block the outputs of the compressed blocks before it (GPTQ);
@@ -231,7 +232,10 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
     CPU, so only one block is ever upcast.
     onload(i, block) runs before block i is first used and offload(i, block, result) once it is back on CPU
     and finished: disk offload fills the block from safetensors there, and writes and drops it.
+    stage_inputs: {index in stages: [(hidden, kwargs)]} for stages calibrated on their own data; each such
+    stream is carried through the compressed blocks like `inputs`.
     """
+    stage_inputs = stage_inputs or {}
     result = EngineResult()
     phases = result.phase_seconds
     t_start = time.time()
@@ -265,7 +269,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             t0 = time.perf_counter()
             fp_next = [block_output(block(h.to(device), **to_device(kw, device))).cpu() for h, kw in fp_inputs]
             phases["propagate"] += time.perf_counter() - t0
-        for method in stages:
+        for k, method in enumerate(stages):
             targets = stage_targets(linears, method.config)
             if not targets:
                 continue
@@ -275,7 +279,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             on_fp = method.calibrate_on == "fp" and fp_inputs is not None
             with hess, (units if "unit" in method.needs else nullcontext()), \
                     _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
-                outs = forward(block, fp_inputs if on_fp else inputs)
+                outs = forward(block, fp_inputs if on_fp else stage_inputs.get(k, inputs))
             if propagate == "fp" and fp_outs is None:
                 fp_outs = [o.cpu() for o in outs]
             del outs
@@ -330,6 +334,9 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 raise CalqError(f"non-finite outputs from block {i} ({prefix}.{i}) after compression",
                                 "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
             inputs[j] = (out.cpu(), inputs[j][1])
+        for stream in stage_inputs.values():        # a stage's own data goes through the same compressed block
+            for j, out in enumerate(forward(block, stream)):
+                stream[j] = (out.cpu(), stream[j][1])
         if fp_inputs is not None:
             fp_inputs = [(h, kw) for h, (_, kw) in zip(fp_next, fp_inputs, strict=True)]
         block.to("cpu", rest)

@@ -46,6 +46,18 @@ def register(name: str):
     return wrap
 
 
+class StageCalibration(BaseModel):
+    """Data for one stage's statistics instead of the recipe's: EoRA or CorDA on task text while GPTQ calibrates
+    on general text. Unset keys take the recipe's `calibration` values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str
+    num_samples: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=8)
+    seed: int | None = None
+
+
 class StageConfig(BaseModel):
     """Keys every stage has. `targets`/`ignore`: class names, exact module paths or `re:` regexes."""
 
@@ -54,6 +66,7 @@ class StageConfig(BaseModel):
     method: str
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    calibration: StageCalibration | None = None
 
     @field_validator("targets", "ignore")
     @classmethod

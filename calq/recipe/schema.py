@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from calq.calibration.data import parse_dataset_spec
 from calq.errors import CalqError, RecipeError
@@ -75,6 +83,13 @@ class Recipe(_Strict):
     output: Output = Field(default_factory=Output)
     expect: Expect | None = None
 
+    @model_validator(mode="after")
+    def _stage_streams(self):
+        if self.calibration.propagate == "fp" and any(s.calibration for s in self.stages):
+            raise _StageError(next(i for i, s in enumerate(self.stages) if s.calibration), "calibration",
+                              "per-stage data needs calibration.propagate: quantized")
+        return self
+
     @field_validator("stages", mode="before")
     @classmethod
     def _stages(cls, v):
@@ -97,6 +112,14 @@ class Recipe(_Strict):
             if METHODS[method].compensates and i == 0:
                 raise _StageError(i, "method", f"{method} compensates an earlier compression stage; "
                                   "put a quantization stage (rtn, gptq) before it")
+            if out[-1].calibration is not None:
+                if METHODS[method].scope == "block":
+                    raise _StageError(i, "calibration", f"{method} trains on the recipe's calibration stream; "
+                                      "per-stage data is for rtn, gptq, prune, eora and corda")
+                try:
+                    _check_spec(out[-1].calibration.dataset)
+                except ValueError as e:
+                    raise _StageError(i, "calibration.dataset", str(e)) from None
         return out
 
 

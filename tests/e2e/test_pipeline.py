@@ -252,3 +252,22 @@ def test_kl_to_reference_forms_agree_and_evaluate_reports_it(tmp_path, eval_wind
     row = calq.evaluate(str(tmp_path), seq_len=512, max_windows=4, batch_size=2, device="cpu",
                         reference="zoo:llama")[0]
     assert row["reference"] == "zoo:llama" and row["kl_to_reference"] == pytest.approx(precomputed, rel=1e-3)
+
+
+def test_a_stage_can_calibrate_on_its_own_data():
+    # EoRA's statistics from stdlib:test while the recipe calibrates on stdlib:train must give exactly the adapters
+    # of a recipe calibrated on stdlib:test throughout: RTN is data-free, so only EoRA's stream differs.
+    def adapters(main, own=None):
+        eora = {"method": "eora", "rank": 8} | ({"calibration": {"dataset": own}} if own else {})
+        recipe = validate_recipe({"model": "zoo:llama", "calibration": {**CALIB, "dataset": main, "num_samples": 8},
+                                  "stages": [{"method": "rtn", "bits": 3, "group_size": 128}, eora]})
+        model, tok, dtype = load_model("zoo:llama")
+        res = compress_model(model, tok, recipe, torch.device("cpu"), dtype)
+        return {a.adapter.name: a.adapter.B @ a.adapter.A for a in res.adapters}
+
+    own, throughout = adapters("stdlib:train", "stdlib:test"), adapters("stdlib:test")
+    default = adapters("stdlib:train")
+    assert own.keys() == throughout.keys() and len(own) == 28
+    for n in own:
+        assert torch.allclose(own[n], throughout[n], rtol=0, atol=1e-6 * throughout[n].abs().max())
+        assert (own[n] - default[n]).abs().max() > 1e-2 * default[n].abs().max()     # the data did matter
