@@ -22,6 +22,8 @@ STAGES = {
     "rtn": [{"method": "rtn", "bits": 4, "group_size": 64}],
     "gptq": [{"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False}],
     "rtn+eora": [{"method": "rtn", "bits": 3, "group_size": 64}, {"method": "eora", "rank": 8}],
+    "rtn+eora-own-data": [{"method": "rtn", "bits": 3, "group_size": 64},
+                          {"method": "eora", "rank": 8, "calibration": {"dataset": "stdlib:test"}}],
     "ptq161": [{"method": "ptq161", "epochs": 1}],      # calq-packed records, block-wise training
 }
 # transformers' CT path dequantizes with fp16 scales into fp32 weights: ~1e-3 of the logit scale.
