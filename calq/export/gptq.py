@@ -51,11 +51,12 @@ def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (stream << torch.arange(bits)[None, :, None]).sum(1)
 
 
-def gptq_dequantize(t: dict[str, torch.Tensor], bits: int, OC: int, IC: int) -> torch.Tensor:
-    """fp32 W [OC, IC] from one module's GPTQ v1 tensors."""
+def gptq_dequantize(t: dict[str, torch.Tensor], bits: int, OC: int, IC: int, zero_offset: int = 1) -> torch.Tensor:
+    """fp32 W [OC, IC] from one module's GPTQ tensors; zero_offset 1 for v1 ("gptq": z − 1 stored), 0 for v2.
+    g_idx may be permuted (desc_act); without one, groups are consecutive."""
     q = unpack_stream(t["qweight"], bits, IC)                                   # [IC, OC]
-    z = unpack_stream(t["qzeros"].t().contiguous(), bits, OC).t() + 1           # [G, OC]
-    g = t["g_idx"].long()
+    z = unpack_stream(t["qzeros"].t().contiguous(), bits, OC).t() + zero_offset  # [G, OC]
+    g = t["g_idx"].long() if "g_idx" in t else torch.arange(IC) // (IC // t["scales"].shape[0])
     return ((q - z[g]).float() * t["scales"].float()[g]).t()
 
 

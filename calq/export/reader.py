@@ -1,4 +1,5 @@
-"""Load a checkpoint written by `writer.py` (or a plain dense HF folder) as a dense transformers model.
+"""Load a checkpoint written by `writer.py` (or a plain dense HF folder, or a GPTQ-layout one) as a dense
+transformers model.
 
 Quantized modules are dequantized with `ct.ct_dequantize`, using the config group whose targets match the
 module (exact name, `re:` regex or class name, formats.md §1.1); modules in calq's own format
@@ -90,6 +91,9 @@ class CheckpointReader:
             tensors = {k: state.pop(f"{name}.{k}") for k in meta["tensors"]}
             entries = METHODS[meta["method"]].rebuild(model, name, tensors, meta)
             state.update({f"{name}.{k}": v for k, v in entries.items()})
+        for key in [k for k in state if k.endswith(".qweight")]:
+            name = key.removesuffix(".qweight")
+            state[f"{name}.weight"] = self._gptq_weight(model, name, state)
         for key in [k for k in state if k.endswith(_PACKED)]:
             name = key.removesuffix(_PACKED)
             if self.qconfig is None:
@@ -100,6 +104,20 @@ class CheckpointReader:
             state[f"{name}.weight"] = ct_dequantize(tensors, _scheme_for(name, model.get_submodule(name),
                                                                          self.qconfig))
         return state
+
+    def _gptq_weight(self, model, name: str, state: dict) -> torch.Tensor:
+        """A GPTQ-layout Linear (calq export, AutoGPTQ, GPTQModel; formats.md §2), dequantized in fp32."""
+        from calq.export.gptq import gptq_dequantize
+
+        q = self.qconfig or {}
+        if q.get("quant_method") != "gptq":
+            raise ValueError(f"{name}.qweight found but quant_method is {q.get('quant_method')!r}, not gptq")
+        if q.get("bits") not in (2, 3, 4, 8):
+            raise ValueError(f"GPTQ with {q.get('bits')} bits has no known packing (2, 3, 4 or 8)")
+        t = {n: state.pop(f"{name}.{n}") for n in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{n}" in state}
+        OC, IC = model.get_submodule(name).weight.shape
+        v1 = (q.get("checkpoint_format") or q.get("format") or "gptq") == "gptq"
+        return gptq_dequantize(t, q["bits"], OC, IC, zero_offset=1 if v1 else 0)
 
     def read_into(self, model, keep: Callable[[str], bool] = lambda k: True, assign: bool = False) -> None:
         """Load the selected entries into `model` in its own dtypes, then merge the adapters among them.

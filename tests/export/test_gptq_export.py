@@ -144,3 +144,49 @@ def test_sharded_checkpoint_exports_shard_by_shard(tmp_path, tiny_llama_dir):
         with safe_open(tmp_path / "gptq" / shard, "pt") as st:
             assert key in st.keys()
     assert sum(k.endswith(".qweight") for k in index) == 14 and not any("weight_packed" in k for k in index)
+
+
+def test_dequantize_follows_a_permuted_g_idx_and_v2_zeros():
+    # desc_act checkpoints (AutoGPTQ, GPTQModel) assign columns to groups out of order through g_idx
+    gen = torch.Generator().manual_seed(7)
+    OC, IC, g, bits = 64, 128, 32, 4
+    q = torch.randint(0, 16, (IC, OC), generator=gen)
+    z = torch.randint(1, 16, (IC // g, OC), generator=gen)
+    scales = torch.rand(IC // g, OC, generator=gen).half()
+    g_idx = (torch.randperm(IC, generator=gen) // g).to(torch.int32)
+    expect = ((q - z[g_idx.long()]).float() * scales.float()[g_idx.long()]).t()
+    t = {"qweight": pack_stream(q, bits), "scales": scales, "g_idx": g_idx}
+    v1 = gptq_dequantize(t | {"qzeros": pack_stream((z - 1).t(), bits).t().contiguous()}, bits, OC, IC)
+    v2 = gptq_dequantize(t | {"qzeros": pack_stream(z.t(), bits).t().contiguous()}, bits, OC, IC, zero_offset=0)
+    assert torch.equal(v1, expect) and torch.equal(v2, expect)
+
+
+def test_calq_reads_gptq_checkpoints_v1_and_v2(tmp_path, tiny_llama_dir):
+    from safetensors.torch import save_file
+
+    from calq.export.gptq import export_gptq
+
+    recipe = validate_recipe({"model": str(tiny_llama_dir), **SMALL,
+                              "stages": [{"method": "gptq", "bits": 3, "group_size": 32}]})
+    calq.compress(recipe, tmp_path / "ct", device="cpu", evaluate=False)
+    export_gptq(tmp_path / "ct", tmp_path / "v1")
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = calq.load(tmp_path / "ct")(ids).logits
+        assert torch.equal(calq.load(tmp_path / "v1")(ids).logits, ref)
+        # the same weights as GPTQModel's v2: zeros stored as z, said so in the config
+        import shutil
+        shutil.copytree(tmp_path / "v1", tmp_path / "v2")
+        with safe_open(tmp_path / "v1" / "model.safetensors", "pt") as st:
+            t = {k: st.get_tensor(k) for k in st.keys()}
+        for k in [k for k in t if k.endswith(".qzeros")]:
+            OC = t[k.replace("qzeros", "scales")].shape[1]
+            z = unpack_stream(t[k].t().contiguous(), 3, OC).t() + 1
+            t[k] = pack_stream(z.t(), 3).t().contiguous()
+        save_file(t, tmp_path / "v2" / "model.safetensors", metadata={"format": "pt"})
+        cfg = json.loads((tmp_path / "v2" / "config.json").read_text())
+        cfg["quantization_config"]["checkpoint_format"] = "gptq_v2"
+        (tmp_path / "v2" / "config.json").write_text(json.dumps(cfg))
+        assert torch.equal(calq.load(tmp_path / "v2")(ids).logits, ref)
+    row = calq.evaluate(str(tmp_path / "v1"), seq_len=64, max_windows=2, device="cpu", offload="disk")[0]
+    assert row["ppl"] == calq.evaluate(str(tmp_path / "ct"), seq_len=64, max_windows=2, device="cpu")[0]["ppl"]
