@@ -42,6 +42,9 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
                 sizes[k] = n * _itemsize(sl.get_dtype())
                 if k.endswith(".weight_shape"):
                     shapes[k[: -len(".weight_shape")]] = st.get_tensor(k).tolist()
+                elif k.endswith(".qweight"):                     # GPTQ layout: [IC·bits/32, OC]
+                    rows_, oc = sl.get_shape()
+                    shapes[k[: -len(".qweight")]] = [oc, rows_ * 32 // qcfg.get("bits", 4)]
     report = path / "report.json"
     methods = {m["name"]: m["method"] for m in json.loads(report.read_text())["modules"]} if report.is_file() else {}
     rows = []
@@ -51,6 +54,16 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
                      "layout": meta.get("layout", meta["method"]), "strategy": "calq", "group_size": None,
                      "symmetric": None, "shape": meta.get("shape"), "bytes": nbytes,
                      "bits_per_weight": 8 * nbytes / meta["n_weights"], "note": "calq format (calq.load)"})
+    if qcfg.get("quant_method") == "gptq":
+        fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
+        for name in sorted(shapes):
+            oc, ic = shapes[name]
+            nbytes = sum(sizes.get(f"{name}.{k}", 0) for k in ("qweight", "qzeros", "scales", "g_idx"))
+            rows.append({"name": name, "method": methods.get(name, "?"), "bits": qcfg["bits"], "layout": "oc",
+                         "strategy": "gptq", "group_size": qcfg.get("group_size", -1), "symmetric": qcfg.get("sym"),
+                         "shape": [oc, ic], "bytes": nbytes, "bits_per_weight": 8 * nbytes / (oc * ic),
+                         "note": f"GPTQ layout ({fmt})"})
+        return rows
     for name in sorted(shapes):
         _, g = _group_of(name, qcfg["config_groups"])
         w = g["weights"]

@@ -83,6 +83,14 @@ def test_symmetric_4bit_matches_the_ct_tensors_bit_for_bit(tmp_path, tiny_llama_
     # everything but the weights comes along: tokenizer, recipe, report, the EoRA adapter
     for f in ("tokenizer.json", "recipe.yaml", "report.json", "adapter/adapter_model.safetensors"):
         assert (tmp_path / "gptq" / f).read_bytes() == (tmp_path / "ct" / f).read_bytes()
+    # `calq inspect` reads the GPTQ layout from the files: qzeros and g_idx cost more than CT's scales alone
+    rows, ct_rows = calq.inspect(tmp_path / "gptq"), {r["name"]: r for r in calq.inspect(tmp_path / "ct")}
+    assert {r["name"] for r in rows} == set(ct_rows) and all(r["group_size"] == 64 for r in rows)
+    for r in rows:
+        n = r["name"]
+        assert r["shape"] == ct_rows[n]["shape"] and r["method"] == "gptq" and r["bits"] == 4
+        assert r["bytes"] == sum(gq[f"{n}.{s}"].nbytes for s in ("qweight", "qzeros", "scales", "g_idx"))
+        assert r["bits_per_weight"] > ct_rows[n]["bits_per_weight"]
     mode = (tmp_path / "gptq" / "model.safetensors").stat().st_mode
     assert mode & stat.S_IRGRP and mode & stat.S_IROTH                      # not owner-only like mkdtemp
 
