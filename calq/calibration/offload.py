@@ -39,7 +39,13 @@ def available_ram() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):      # e.g. macOS without psutil: no such sysconf name
+        return UNKNOWN_RAM
+
+
+UNKNOWN_RAM = 1 << 62   # what available_ram says when nothing can measure it: plenty, so nothing is refused
 
 
 def weights_bytes(path: Path) -> int:

@@ -166,3 +166,19 @@ def test_choose_offload(zoo_llama_path, monkeypatch):
         choose_offload("disk", "org/model")
     with pytest.raises(CalqError, match="unknown offload mode"):
         choose_offload("ram", zoo_llama_path)
+
+
+def test_available_ram_when_nothing_can_measure_it(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    def no_sysconf(name):
+        raise ValueError(f"unrecognized configuration name {name}")
+
+    def no_proc(self, *args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setitem(sys.modules, "psutil", None)                   # import psutil raises ImportError
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    monkeypatch.setattr(offload.os, "sysconf", no_sysconf)
+    assert offload.available_ram() == offload.UNKNOWN_RAM              # unknown: nothing is refused
