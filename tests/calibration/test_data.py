@@ -69,8 +69,14 @@ def test_empty_file_and_missing_text_field(tmp_path):
 
 
 def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # both libraries read the variables once, at import: an earlier test may have imported them already
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DatasetError, match="could not load wikitext2"):
         load_text("wikitext2")
 
