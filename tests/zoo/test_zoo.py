@@ -23,9 +23,11 @@ def unigram_setup(tokenizer):
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_model_loads_offline_and_beats_unigram(name, unigram_setup, tokenizer, monkeypatch):
+    import huggingface_hub
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # read at import: set it too
     path = zoo_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert type(model).__name__ == ZOO[name].arch
