@@ -124,22 +124,25 @@ def _check_stages(recipe: Recipe, model) -> None:
 def _check_activation_memory(recipe: Recipe, model, dtype: torch.dtype) -> None:
     """Fail before any work when the calibration activations cannot fit in the RAM left after loading.
 
-    The engine holds every sample's hidden states on CPU twice (a block's inputs and its outputs), and twice
-    more for methods that also follow the full-precision path (PTQ1.61)."""
+    The engine holds every sample's hidden states on CPU once (each block's outputs replace its inputs batch by
+    batch), twice with `propagate: fp`, and about four times for methods that also follow the full-precision
+    path (PTQ1.61); a stage with its own data adds its own stream."""
     from calq.calibration import offload as offload_lib
 
     cal = recipe.calibration
-    streams = 4 if any("fp_path" in METHODS[s.method](s).needs for s in recipe.stages) else 2
+    streams = 1 + (cal.propagate == "fp")
+    if any("fp_path" in METHODS[s.method](s).needs for s in recipe.stages):
+        streams = 4
     tokens = cal.num_samples * cal.seq_len * streams
-    for s in recipe.stages:      # a stage's own data: one more stream, inputs and outputs
+    for s in recipe.stages:
         if s.calibration is not None:
-            tokens += 2 * (s.calibration.num_samples or cal.num_samples) * (s.calibration.seq_len or cal.seq_len)
+            tokens += (s.calibration.num_samples or cal.num_samples) * (s.calibration.seq_len or cal.seq_len)
     hidden = model.get_input_embeddings().embedding_dim
     need = tokens * hidden * torch.finfo(dtype).bits // 8
     have = offload_lib.available_ram()
     if need > have:
         raise CalqError(f"the calibration activations need about {_size(need)} ({cal.num_samples} samples x "
-                        f"{cal.seq_len} tokens x hidden {hidden} x {streams} copies"
+                        f"{cal.seq_len} tokens x hidden {hidden} x {streams} {'copy' if streams == 1 else 'copies'}"
                         f"{' + per-stage data' if any(s.calibration for s in recipe.stages) else ''}), "
                         f"but only {_size(have)} of RAM "
                         "is available", "use fewer --num-samples or a shorter --seq-len")

@@ -241,12 +241,24 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
     t_start = time.time()
     n_tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
 
-    def forward(block, inputs):
+    def forward(block, inputs, keep: bool):
+        """The block's outputs for every batch, on CPU; keep=False runs it for the hooks alone."""
         outs = []
         for hidden, kwargs in inputs:
             out = block_output(block(hidden.to(device), **to_device(kwargs, device)))
-            outs.append(out)
+            if keep:
+                outs.append(out.cpu())
         return outs
+
+    def advance(block, i, stream):
+        """Replace each batch of a stream by the block's output for it in place: one batch at a time on the
+        device, and never a second copy of the stream in RAM."""
+        for j, (hidden, kwargs) in enumerate(stream):
+            out = block_output(block(hidden.to(device), **to_device(kwargs, device)))
+            if not torch.isfinite(out).all():
+                raise CalqError(f"non-finite outputs from block {i} ({prefix}.{i}) after compression",
+                                "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
+            stream[j] = (out.cpu(), kwargs)
 
     # The full-precision path, for methods that train towards the original model's outputs (PTQ1.61).
     fp_inputs = [(h, kw) for h, kw in inputs] if any("fp_path" in s.needs for s in stages) else None
@@ -279,9 +291,10 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             on_fp = method.calibrate_on == "fp" and fp_inputs is not None
             with hess, (units if "unit" in method.needs else nullcontext()), \
                     _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
-                outs = forward(block, fp_inputs if on_fp else stage_inputs.get(k, inputs))
-            if propagate == "fp" and fp_outs is None:
-                fp_outs = [o.cpu() for o in outs]
+                want_fp = propagate == "fp" and fp_outs is None
+                outs = forward(block, fp_inputs if on_fp else stage_inputs.get(k, inputs), keep=want_fp)
+            if want_fp:
+                fp_outs = outs
             del outs
             phases["stats_forward"] += time.perf_counter() - t0
             phases["stats_accumulate"] += hess.seconds
@@ -327,16 +340,14 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         del originals
         # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).
         t0 = time.perf_counter()
-        outs = fp_outs if propagate == "fp" and fp_outs is not None else forward(block, inputs)
-        phases["propagate"] += time.perf_counter() - t0
-        for j, out in enumerate(outs):
-            if not torch.isfinite(out).all():
-                raise CalqError(f"non-finite outputs from block {i} ({prefix}.{i}) after compression",
-                                "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
-            inputs[j] = (out.cpu(), inputs[j][1])
+        if propagate == "fp" and fp_outs is not None:
+            for j, out in enumerate(fp_outs):
+                inputs[j] = (out, inputs[j][1])
+        else:
+            advance(block, i, inputs)
         for stream in stage_inputs.values():        # a stage's own data goes through the same compressed block
-            for j, out in enumerate(forward(block, stream)):
-                stream[j] = (out.cpu(), stream[j][1])
+            advance(block, i, stream)
+        phases["propagate"] += time.perf_counter() - t0
         if fp_inputs is not None:
             fp_inputs = [(h, kw) for h, (_, kw) in zip(fp_next, fp_inputs, strict=True)]
         block.to("cpu", rest)

@@ -153,12 +153,12 @@ def test_evaluate_offload(tmp_path):
 def test_calibration_activations_that_cannot_fit_fail_before_any_work(tmp_path, tiny_llama_dir, monkeypatch):
     from calq.calibration import offload
 
-    # 2 samples x 32 tokens x hidden 128 x 2 copies x fp32 = 64 KiB; pretend 32 KiB are free
-    monkeypatch.setattr(offload, "available_ram", lambda: 32 * 1024)
+    # 2 samples x 32 tokens x hidden 128 x 1 copy x fp32 = 32 KiB; pretend 16 KiB are free
+    monkeypatch.setattr(offload, "available_ram", lambda: 16 * 1024)
     out = tmp_path / "o"
     _fails(["compress", str(_recipe(tmp_path, str(tiny_llama_dir))), "-o", str(out), "--offload", "cpu",
-            "--device", "cpu"], "the calibration activations need about 64 KiB (2 samples x 32 tokens x hidden 128 "
-           "x 2 copies), but only 32 KiB of RAM is available — use fewer --num-samples", out)
+            "--device", "cpu"], "the calibration activations need about 32 KiB (2 samples x 32 tokens x hidden 128 "
+           "x 1 copy), but only 16 KiB of RAM is available — use fewer --num-samples", out)
     monkeypatch.setattr(offload, "available_ram", lambda: 128 * 1024)
     res = runner.invoke(app, ["compress", str(_recipe(tmp_path, str(tiny_llama_dir))), "-o", str(out),
                               "--offload", "cpu", "--device", "cpu", "--no-eval"])
