@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -15,6 +14,7 @@ import torch
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
 from calq.calibration.engine import ModuleResult, PrepareContext, run_blocks, stage_targets
+from calq.calibration.loading import is_calq_checkpoint, load_model, quiet_transformers, source_info
 from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_forward
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
 from calq.eval.perplexity import kl_to_reference, perplexity, window_loss
@@ -39,14 +39,6 @@ PROTOCOL = ("GPTQ protocol: text joined once, tokenized once, non-overlapping wi
             "fp32 loss, ppl = exp(mean window loss)")
 
 
-def _quiet_transformers() -> None:
-    # calq draws its own progress; transformers' per-load bars and notices would interleave with it.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,48 +49,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CalqError(f"device {device} requested but CUDA is not available", "use --device cpu")
     return dev
-
-
-def _is_calq_checkpoint(path: Path) -> bool:
-    import json
-
-    cfg = path / "config.json"
-    return cfg.is_file() and ("quantization_config" in json.loads(cfg.read_text())
-                              or (path / ADAPTER_DIR / "adapter_config.json").is_file())
-
-
-def load_model(ref: str, dtype: torch.dtype | None = torch.float32, with_tokenizer: bool = True):
-    """(model, tokenizer or None, original dtype) for a zoo name, local directory or hub id; model on CPU.
-
-    dtype None keeps the checkpoint's own dtype (what compression does: blocks are upcast one at a time).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _quiet_transformers()
-    path = resolve_model(ref)
-    local = Path(path)
-    if (ref.startswith((".", "/", "~")) or os.sep in ref and not _looks_like_hub_id(ref)) and not local.exists():
-        raise ModelError(f"model not found: {ref}", "give a local model directory, zoo:llama, or a hub id")
-    try:
-        if local.is_dir() and _is_calq_checkpoint(local):
-            from calq.export.reader import load_checkpoint
-
-            model = load_checkpoint(local, dtype=dtype or torch.float32)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-        tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
-    except (OSError, ValueError) as e:
-        raise ModelError(f"could not load model {ref}: {str(e).splitlines()[0]}",
-                         "give a local model directory, zoo:llama, or a hub id while online") from None
-    from transformers import AutoConfig
-
-    orig = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float16
-    orig = getattr(torch, orig) if isinstance(orig, str) else orig
-    return model.eval(), tokenizer, orig
-
-
-def _looks_like_hub_id(ref: str) -> bool:
-    return ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not Path(ref).exists()
 
 
 def _check_stages(recipe: Recipe, model) -> None:
@@ -184,7 +134,7 @@ def _load_disk(ref: str, dtype: torch.dtype | None = None, with_tokenizer: bool 
 
     from calq.export.reader import CheckpointReader, dense_config, tied_output_key
 
-    _quiet_transformers()
+    quiet_transformers()
     path = Path(resolve_model(ref))
     config, _ = dense_config(path)
     reader = CheckpointReader(path)
@@ -281,8 +231,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
     output = Path(output)
     dev = resolve_device(device)
     emit = progress or (lambda e: None)
-    mode = choose_offload(offload, resolve_model(recipe.model))
-    if mode == "disk" and _is_calq_checkpoint(Path(resolve_model(recipe.model))):
+    mode = choose_offload(offload, resolve_model(recipe.model, _notify(emit)))
+    if mode == "disk" and is_calq_checkpoint(Path(resolve_model(recipe.model))):
         if offload == "disk":
             raise ModelError(f"{recipe.model} is a calq checkpoint; disk offload reads dense models",
                              "use --offload cpu")
@@ -296,6 +246,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         else:
             model_, tokenizer, _ = load_model(recipe.model, dtype=None)
         store_dtype = next(model_.parameters()).dtype
+        source = source_info(recipe.model)
         _check_stages(recipe, model_)
         _check_activation_memory(recipe, model_, compute_dtype(dev, store_dtype))
         timings["load"] = time.time() - t
@@ -368,7 +319,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             sum(2 * stats["dense_sizes"][m.record.name] for m in dense_only)
         timings["total"] = time.time() - t0
         report = Report(
-            **versions(), model=recipe.model, recipe=recipe.model_dump(mode="json"), seed=recipe.calibration.seed,
+            **versions(), model=recipe.model, source=source, recipe=recipe.model_dump(mode="json"),
+            seed=recipe.calibration.seed,
             device=str(dev), offload=mode,
             timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
             peak_rss_bytes=peak_rss_bytes(),
@@ -406,6 +358,10 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         raise ExpectationFailed(f"expect: {detail} (checkpoint written to {output})",
                                 "the recipe no longer meets its expect: block")
     return report
+
+
+def _notify(emit: Progress) -> Callable[[str], None]:
+    return lambda msg: emit({"event": "phase", "name": msg})
 
 
 def _n_weights(rec) -> int:
@@ -456,7 +412,8 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
     for spec in datasets:   # cheap checks before the model loads
         parse_dataset_spec(spec)
     dev = resolve_device(device)
-    mode = choose_offload(offload, resolve_model(target))
+    emit = progress or (lambda e: None)
+    mode = choose_offload(offload, resolve_model(target, _notify(emit)))
     if reference is not None and mode == "disk":
         if offload == "disk":
             raise CalqError("--reference runs both models side by side, which disk offload does not do",
@@ -469,7 +426,9 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
         model, tokenizer, _ = load_model(target)
         model.to(dev)
         disk = None
-    ref_model = load_model(reference, with_tokenizer=False)[0].to(dev) if reference is not None else None
+    ref_model = load_model(reference, with_tokenizer=False, notify=_notify(emit))[0].to(dev) \
+        if reference is not None else None
+    source = source_info(target)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         raise CalqError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {max_pos}",
@@ -486,7 +445,9 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
                 if progress else None
             ppl = perplexity(model, w, batch_size=batch_size, device=dev, on_batch=cb)
         row = {"target": target, "dataset": spec, "seq_len": seq_len, "windows": int(w.shape[0]), "ppl": ppl,
-               "offload": mode}
+               "offload": mode, "source_format": source["format"]}
+        if source["format"] == "gguf":
+            row.update(gguf_file_type=source["file_type"], sha256=source["sha256"])
         if ref_model is not None:
             try:
                 row["kl_to_reference"] = kl_to_reference(model, w, ref_model, batch_size, dev)

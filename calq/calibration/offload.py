@@ -57,6 +57,9 @@ def choose_offload(mode: str, path: str | Path) -> str:
     if mode not in MODES:
         raise CalqError(f"unknown offload mode {mode!r}", "use auto, cpu or disk")
     local = Path(path).is_dir() and any(Path(path).glob("*.safetensors"))
+    if mode == "disk" and str(path).lower().endswith(".gguf"):
+        raise CalqError(f"disk offload reads safetensors folders; {path} is a GGUF file",
+                        "use --offload cpu (transformers dequantizes a GGUF file in RAM)")
     if mode == "disk" and not local:
         raise CalqError(f"disk offload reads safetensors files from a local folder; {path} is not one",
                         "download the model first (hf download ID --local-dir DIR) and pass --model DIR")

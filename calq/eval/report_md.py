@@ -12,7 +12,8 @@ def _mib(n: int) -> str:
 def render_markdown(data: dict, out_dir: Path) -> None:
     lines = [f"# calq report: {data['model']}", ""]
     stages = ", ".join(s["method"] for s in data["recipe"]["stages"])
-    lines += [f"- stages: {stages}", f"- seed: {data['seed']}, device: {data['device']}, "
+    lines += [f"- stages: {stages}", *_source_lines(data.get("source") or {}),
+              f"- seed: {data['seed']}, device: {data['device']}, "
               f"weights offloaded to: {data.get('offload', 'cpu')}",
               f"- calq {data['calq_version']}, torch {data['torch']}, transformers {data['transformers']}, "
               f"compressed-tensors {data['compressed_tensors']}, Python {data['python']}",
@@ -58,6 +59,15 @@ def render_markdown(data: dict, out_dir: Path) -> None:
                          f"{_num(m['group_size'], 'd')} | {m['bits_per_weight']:.3f} | {_num(m['rel_error'])} | "
                          f"{m['seconds']:.2f} |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _source_lines(src: dict) -> list[str]:
+    gguf = src if src.get("format") == "gguf" else src.get("converted_from")
+    if not gguf:
+        return [f"- source: {src['format']} {src.get('path') or src.get('id', '')}"] if src else []
+    via = "" if gguf is src else f", converted to {src['path']}"
+    return [f"- source: GGUF `{Path(gguf['path']).name}` ({gguf['file_type']}, {gguf['architecture']}), "
+            f"sha256 `{gguf['sha256']}`{via}"]
 
 
 def _plot(data: dict, path: Path) -> bool:
