@@ -196,7 +196,7 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
         if progress:
             progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
         result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
-                            rest_dtype, onload, offload, own)
+                            rest_dtype, onload, offload, own, cal.massive_token_ratio)
         move_outside_blocks(model, blocks, "cpu", None)  # the blocks are on CPU already (or on meta, offloaded)
         return result
 
@@ -341,10 +341,12 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                                   symmetric=getattr(m.record, "symmetric", None), rel_error=m.rel_error,
                                   bits_per_weight=stats["modules"][m.record.name]["bits_per_weight"],
                                   bytes=stats["modules"][m.record.name]["bytes"], seconds=round(m.seconds, 4),
-                                  tokens=m.tokens, info=m.record.info) for m in result.modules]
+                                  tokens=m.tokens, excluded_tokens=m.excluded_tokens, info=m.record.info)
+               for m in result.modules]
             + [ModuleRecord(name=m.record.name, method=m.record.method, bits=16, layout="dense", group_size=-1,
                             symmetric=False, rel_error=m.rel_error, bits_per_weight=16.0, bytes=0,
-                            seconds=round(m.seconds, 4), tokens=m.tokens, info=m.record.info)
+                            seconds=round(m.seconds, 4), tokens=m.tokens, excluded_tokens=m.excluded_tokens,
+                            info=m.record.info)
                for m in result.replaced])
         report.expect = _check_expect(recipe, report)
         write_report(report, tmp)

@@ -106,6 +106,23 @@ def capture_block_inputs(model: nn.Module, block0: nn.Module, batches: list[torc
     return caught
 
 
+def split_batch(hidden: torch.Tensor, kwargs: dict, size: int) -> list[tuple[torch.Tensor, dict]]:
+    """A calibration batch as micro-batches of `size` samples: the hidden states [B, T, D] and every kwarg tensor
+    whose first dim is B are sliced; the rest (rotary tables [1, T, d], masks broadcast over B) are shared."""
+    B = hidden.shape[0]
+
+    def cut(obj, a, b):
+        if isinstance(obj, torch.Tensor):
+            return obj[a:b] if obj.dim() and obj.shape[0] == B and B > 1 else obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(cut(o, a, b) for o in obj)
+        if isinstance(obj, dict):
+            return {k: cut(v, a, b) for k, v in obj.items()}
+        return obj
+
+    return [(hidden[a:a + size], cut(kwargs, a, a + size)) for a in range(0, B, size)]
+
+
 def block_output(out):
     """Hidden states from a block's return value (a tensor, or a tuple whose first item is one)."""
     return out[0] if isinstance(out, (tuple, list)) else out

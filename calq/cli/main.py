@@ -92,9 +92,11 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
              as_json: bool = typer.Option(False, "--json", help="One JSON object per dataset.")):
     """Perplexity (GPTQ protocol: non-overlapping windows) of a model read back from disk."""
     from calq import api
+    from calq.cli.render import EvalProgress
 
-    results = _run(api.evaluate, target, dataset, seq_len=seq_len, max_windows=max_windows, device=device,
-                   batch_size=batch_size, offload=offload, reference=reference)
+    with EvalProgress(err_console) as progress:
+        results = _run(api.evaluate, target, dataset, seq_len=seq_len, max_windows=max_windows, device=device,
+                       batch_size=batch_size, offload=offload, reference=reference, progress=progress.update)
     if as_json:
         for r in results:
             print(json.dumps(r))

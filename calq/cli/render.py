@@ -40,6 +40,31 @@ class BlockProgress:
             self.progress.update(self.lora, completed=e["step"], info=f"loss {e['loss']:.4f}")
 
 
+class EvalProgress:
+    """Draws evaluation events (windows scored per dataset) and phase notices, on stderr so --json stays clean."""
+
+    def __init__(self, console):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                                 "{task.total} windows"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=True)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def update(self, e: dict) -> None:
+        if e["event"] == "phase":
+            self.progress.console.print(f"[dim]{e['name']}…[/]")
+        elif e["event"] == "eval":
+            if e["dataset"] not in self.tasks:
+                self.tasks[e["dataset"]] = self.progress.add_task(e["dataset"][-40:], total=e["total"])
+            self.progress.update(self.tasks[e["dataset"]], completed=e["done"])
+
+
 def report_table(report) -> Table:
     t = Table(title=f"calq: {report.model}")
     for c in ("dataset", "windows", "dense ppl", "compressed ppl", "ratio"):

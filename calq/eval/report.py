@@ -32,6 +32,7 @@ class ModuleRecord(BaseModel):
     bytes: int
     seconds: float
     tokens: int
+    excluded_tokens: int = 0            # massive tokens left out of its statistics (calibration.massive_token_ratio)
     info: dict = Field(default_factory=dict)
 
 

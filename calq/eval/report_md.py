@@ -19,7 +19,8 @@ def render_markdown(data: dict, out_dir: Path) -> None:
               f"compressed-tensors {data['compressed_tensors']}, Python {data['python']}",
               f"- bits per weight (quantized Linears, codes + scales + zeros): **{data['bits_per_weight']:.3f}**",
               f"- checkpoint {_mib(data['checkpoint_bytes'])} vs dense {_mib(data['dense_bytes'])}",
-              f"- time {data['timings']['total']:.1f} s, peak RSS {_mib(data['peak_rss_bytes'])}", ""]
+              f"- time {data['timings']['total']:.1f} s, peak RSS {_mib(data['peak_rss_bytes'])}",
+              *_massive_lines(data), ""]
     if data["evaluation"]:
         lines += ["## Perplexity", "", data.get("evaluation_protocol", ""), "",
                   "| dataset | seq_len | windows | dense | compressed | ratio |", "|---|---|---|---|---|---|"]
@@ -59,6 +60,16 @@ def render_markdown(data: dict, out_dir: Path) -> None:
                          f"{_num(m['group_size'], 'd')} | {m['bits_per_weight']:.3f} | {_num(m['rel_error'])} | "
                          f"{m['seconds']:.2f} |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _massive_lines(data: dict) -> list[str]:
+    hit = [m for m in data["modules"] if m.get("excluded_tokens")]
+    if not hit:
+        return []
+    ratio = data["recipe"]["calibration"].get("massive_token_ratio")
+    names = ", ".join(f"{m['name']} ({m['excluded_tokens']})" for m in hit[:6]) + (" ..." if len(hit) > 6 else "")
+    return [f"- massive tokens (‖x‖² > {ratio:g}× the median) left out of the statistics of {len(hit)} modules: "
+            f"{names}"]
 
 
 def _source_lines(src: dict) -> list[str]:

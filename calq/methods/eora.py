@@ -7,8 +7,12 @@ by √λ, truncate its SVD there, and rotate back. Baselines in the same stage:
   act-s  S = diag(mean |x_j|): activation-scaled SVD (the paper's ACT-S)
   corda  S = C_f (damped C, CorDA's weighting; corda.md "Compensating an already-compressed Ŵ"): close to,
          not at, the optimum, since C over-weights high-variance directions
-Eigenvalues below λ_max · min(1, IC · eps_fp32) are dropped (both √λ and 1/√λ set to 0), as GPTQModel
-does, so C⁻¹ is never formed on near-null directions. eigh in fp64, ΔW and the SVD in fp32.
+Eigenvalues at or below λ_max · IC · eps_fp64 (numerical zero of the fp64 eigh) are dropped, both √λ and 1/√λ
+set to 0. GPTQModel's cutoff, λ_max · min(1, IC · eps_fp32), which eora.md first adopted, is relative to the
+largest mode: on a layer with massive activations (SmolLM2's layer 11 down_proj, one channel with 10⁵× the
+variance of the rest) it keeps one mode and a rank-16 EoRA becomes rank 1 (docs/real-model.md). Small kept modes
+amplify nothing as long as the products run in fp64: BA = U_r U_rᵀ ΔW P, P the projection onto the kept modes,
+so ‖BA‖₂ ≤ ‖ΔW‖₂. eigh, the weighted ΔW, its SVD and the way back in fp64; ΔW itself from fp32 weights.
 The layer is then y = x Ŵᵀ + (x Aᵀ) Bᵀ; as a PEFT LoRA adapter lora_alpha = r (scaling 1).
 """
 
@@ -20,15 +24,13 @@ BASES = ("eora", "svd", "act-s", "corda")
 
 
 def eigen_sqrt(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, S⁺) with S = Q·diag(√λ), S⁺ = diag(1/√λ)·Qᵀ over kept eigenmodes of C [IC, IC]; fp32."""
+    """(S [IC, k], S⁺ [k, IC]) with S = Q·diag(√λ), S⁺ = diag(1/√λ)·Qᵀ over the k kept eigenmodes of C; fp64."""
     if not torch.isfinite(C).all():
         raise ValueError("the input covariance has non-finite entries")
     lam, Q = torch.linalg.eigh(C.double())                        # ascending λ
-    cutoff = lam.max().clamp_min(0) * min(1.0, C.shape[0] * torch.finfo(torch.float32).eps)
-    keep = lam > cutoff
-    s = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
-    s_inv = torch.where(keep, 1 / lam.clamp_min(1e-300).sqrt(), torch.zeros_like(lam))
-    return (Q * s[None, :]).float(), (s_inv[:, None] * Q.t()).float()
+    keep = lam > lam.max().clamp_min(0) * C.shape[0] * torch.finfo(torch.float64).eps
+    lam, Q = lam[keep], Q[:, keep]
+    return Q * lam.sqrt()[None, :], Q.t() / lam.sqrt()[:, None]
 
 
 def low_rank_compensation(W: torch.Tensor, W_hat: torch.Tensor, rank: int, basis: str = "eora",
@@ -36,6 +38,8 @@ def low_rank_compensation(W: torch.Tensor, W_hat: torch.Tensor, rank: int, basis
     """(B [OC, r], A [r, IC], sigma) for ΔW = W − Ŵ. r is clamped to min(OC, IC); sigma: all singular values
     of the weighted ΔW, so the residual error of any rank can be read off (Eckart–Young)."""
     dW = W.float() - W_hat.float()                                 # [OC, IC]; the difference in fp32
+    if basis == "eora":
+        dW = dW.double()                                           # kept modes span many decades (eigen_sqrt)
     OC, IC = dW.shape
     r = min(rank, OC, IC)
     if basis == "eora":
@@ -51,12 +55,15 @@ def low_rank_compensation(W: torch.Tensor, W_hat: torch.Tensor, rank: int, basis
         S, S_inv, _ = damped_inverse(C)
     else:
         raise ValueError(f"unknown basis {basis!r}; use one of {BASES}")
-    dW_s = dW if S is None else dW @ S                             # [OC, IC] in the weighted space
+    dW_s = dW if S is None else dW @ S                             # [OC, k] in the weighted space
     U, sigma, Vh = torch.linalg.svd(dW_s, full_matrices=False)
+    k = sigma.shape[0]                                             # < r when C excites fewer than r modes
     root = sigma[:r].sqrt()                                        # √Σ split evenly between B and A
-    B = U[:, :r] * root[None, :]                                   # [OC, r]
-    A = root[:, None] * (Vh[:r] if S_inv is None else Vh[:r] @ S_inv)  # [r, IC]
-    return B, A, sigma
+    B = torch.zeros(OC, r)
+    A = torch.zeros(r, IC)
+    B[:, :k] = (U[:, :r] * root[None, :]).float()                  # [OC, r]; zero columns past k
+    A[:k] = (root[:, None] * (Vh[:r] if S_inv is None else Vh[:r] @ S_inv)).float()  # [r, IC]
+    return B, A, sigma.float()
 
 
 # --- the recipe stage -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 
-from calq.calibration.blocks import block_output, find_blocks, matches, to_device
+from calq.calibration.blocks import block_output, find_blocks, matches, split_batch, to_device
 from calq.calibration.finetune import train_lora
 from calq.errors import CalqError
 from calq.methods.base import Packed
@@ -50,6 +50,8 @@ class PTQ161Config(StageConfig):
     statistic: Literal["max", "mean"] = "max"     # max |x| (released code) or mean |x| (paper's pseudocode)
     learn: bool = True                            # False: the mask and initial scales only (ablation)
     epochs: int = Field(5, ge=0)                  # paper: 20 (× 128 samples at batch 1)
+    # samples per optimizer step; the calibration batches are cut into micro-batches of this size (paper: 1)
+    batch_size: int = Field(1, ge=1)
     lr_alpha: float = Field(5e-4, gt=0)
     lr_scales: float = Field(1e-3, gt=0)           # r1 and r2
     preprocess: Preprocess | None = None
@@ -197,15 +199,20 @@ class PTQ161(Method):
             {"params": [p.alpha for p in parts.values()], "lr": cfg.lr_alpha},
             {"params": [q for p in parts.values() for q in (p.r1, p.r2)], "lr": cfg.lr_scales}],
             weight_decay=0.0)
-        steps, total = 0, cfg.epochs * len(ctx.inputs)
+        # (input, kwargs, FP-path target, FP block on this input) per micro-batch, in a fixed order as OmniQuant's
+        size = cfg.batch_size
+        batches = [(h, kw, y_full[a:a + size], y_same[a:a + size])
+                   for (hb, kwb), y_full, y_same in zip(ctx.inputs, ctx.fp_outputs, y_fq, strict=True)
+                   for a, (h, kw) in zip(range(0, hb.shape[0], size), split_batch(hb, kwb, size), strict=True)]
+        steps, total = 0, cfg.epochs * len(batches)
         try:
             with torch.enable_grad():
                 for _ in range(cfg.epochs):
-                    for j, (h, kw) in enumerate(ctx.inputs):
+                    for h, kw, y_full, y_same in batches:
                         weights = {f"{rel[n]}.weight": p.weight() for n, p in parts.items()}
                         y = block_output(functional_call(block, weights, (h.to(dev).float(),),
                                                          to_device(kw, dev)))
-                        loss = block_loss(y.float(), ctx.fp_outputs[j].to(dev).float(), y_fq[j].to(dev).float())
+                        loss = block_loss(y.float(), y_full.to(dev).float(), y_same.to(dev).float())
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()

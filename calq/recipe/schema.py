@@ -48,6 +48,9 @@ class Calibration(_Strict):
     # What the next block is fed: the compressed blocks' outputs (GPTQ) or the full-precision ones
     # (AdaDim's and AWQ's reference code).
     propagate: Literal["quantized", "fp"] = "quantized"
+    # Tokens whose input energy ‖x‖² exceeds this multiple of the median token's are left out of every Linear's
+    # Hessian, covariance and mean |x| (attention sinks with massive activations); null counts every token.
+    massive_token_ratio: float | None = Field(1000.0, gt=1)
 
     _spec = field_validator("dataset")(classmethod(lambda cls, v: _check_spec(v)))
 

@@ -48,7 +48,10 @@ def test_rank_deficient_and_zero_covariance():
     X, W, W_hat, _ = _setup(N=10)                            # 10 tokens: C has rank 10 < IC
     C = X.t() @ X
     S, S_inv = eigen_sqrt(C)
-    assert torch.isfinite(S_inv).all() and int((S.norm(dim=0) > 0).sum()) == 10
+    k = S.shape[1]          # the 10 real modes, and fp32 noise modes of C above fp64's numerical zero
+    assert torch.isfinite(S_inv).all() and 10 <= k < 64 and S_inv.shape == (k, 64)
+    assert torch.allclose(S @ S.t(), C.double(), atol=1e-5 * C.abs().max())
+    assert torch.allclose(S_inv @ S, torch.eye(k, dtype=torch.float64), atol=1e-8)
     B, A, sigma = low_rank_compensation(W, W_hat, 4, "eora", C)
     assert torch.isfinite(A).all() and torch.isfinite(B).all()
     assert _out_err(X, W, W_hat, B, A) == pytest.approx(float(sigma[4:].pow(2).sum().sqrt()), rel=EY_RTOL)
@@ -95,3 +98,27 @@ def test_gptq_rounding_of_the_adapter_beats_rtn_on_the_layer_output():
         err[q] = _out_err(X, W, W_hat, ad.B, ad.A)
     full = _out_err(X, W, W_hat, *low_rank_compensation(W, W_hat, 8, "eora", C)[:2])
     assert full < err["gptq"] < err["rtn"], (full, err)
+
+
+def test_massive_activation_keeps_every_mode_and_amplifies_nothing():
+    """One token with a massive channel (an attention sink, 2·10⁵× the median energy as in SmolLM2's layer 11):
+    GPTQModel's fp32-precision cutoff would keep 1 mode and make rank-16 EoRA rank 1."""
+    _, W, W_hat, _ = _setup()
+    torch.manual_seed(1)
+    X = torch.randn(4096, 64) * torch.linspace(0.1, 1, 64)     # ordinary tokens
+    X[0] = 0
+    X[0, 5] = 3e4                                             # the sink: one token, one channel
+    C = X.t() @ X
+    lam = torch.linalg.eigvalsh(C.double())
+    assert int((lam > lam.max() * 64 * torch.finfo(torch.float32).eps).sum()) == 1     # the rule on C itself
+    S, S_inv = eigen_sqrt(C)
+    assert S.shape == (64, 64) and torch.allclose(S_inv @ S, torch.eye(64, dtype=torch.float64), atol=1e-8)
+    rest = X[1:]
+    err = {b: _out_err(rest, W, W_hat, *low_rank_compensation(W, W_hat, 16, b, C)[:2]) for b in ("eora", "svd")}
+    assert err["eora"] < err["svd"] < float(((W - W_hat) @ rest.t()).norm()), err
+    # every mode kept: BA = U_r U_rᵀ ΔW, bounded by ΔW however small a channel's scale
+    Cw = C.clone()
+    Cw[:, 7] *= 1e-6
+    Cw[7, :] *= 1e-6
+    B, A, _ = low_rank_compensation(W, W_hat, 16, "eora", Cw)
+    assert torch.linalg.matrix_norm(B @ A, 2) <= torch.linalg.matrix_norm(W - W_hat, 2) * (1 + 1e-3)
