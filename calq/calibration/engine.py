@@ -28,7 +28,8 @@ from calq.methods.registry import Method
 @dataclass
 class ModuleResult:
     record: Compressed | Replaced | Packed
-    rel_error: float | None     # ||X(W - W_hat)ᵀ|| / ||X Wᵀ|| on the calibration inputs (None: not a Linear)
+    rel_error: float | None     # ||X(W - W_hat)ᵀ|| / ||X Wᵀ|| on the calibration inputs, massive tokens left out
+                                # (None: not a Linear)
     seconds: float
     tokens: int
     excluded_tokens: int = 0    # massive tokens left out of its statistics
@@ -60,11 +61,13 @@ def stage_targets(linears: dict[str, nn.Linear], stage) -> dict[str, nn.Linear]:
 class _Hessians:
     """One running XᵀX per distinct input: Linears fed the same tensor (q/k/v, gate/up) share it.
 
-    massive_ratio: tokens whose energy ‖x‖² exceeds this multiple of the batch's median token energy are left out
-    of the second moments and means (not of the max). Such tokens are attention sinks with massive activations
-    (Sun et al. 2024): in SmolLM2-135M they are 10 of 4096 tokens at layers 11 and 28's down_proj with 2·10³–4·10⁵
-    times the median energy (other tokens ≤ 7×), yet 78-100 % of trace(H), so GPTQ, SparseGPT and EoRA fit those
-    few tokens and damp by their scale, and every other token's error grows (docs/real-model.md).
+    massive_ratio: tokens whose energy ‖x‖² exceeds this multiple of the batch's median token energy are held apart
+    (their rows are kept, few as they are), so a method can have H with or without them. Such tokens are attention
+    sinks with massive activations (Sun et al. 2024): in SmolLM2-135M, 10 of 4096 tokens at layers 11 and 28's
+    down_proj, 2·10³–4·10⁵ times the median energy (other tokens ≤ 7×) and 78–100 % of trace(H). GPTQ fitted to
+    them doubles every other token's error; left out entirely, it pushes error into the very column they read.
+    Methods with `robust_statistics` (GPTQ, EoRA) solve on H without them; importance statistics (absmax,
+    absmean, the all-token diag of H that orders GPTQ's columns) and the other methods count every token.
     """
 
     def __init__(self, targets: dict[str, nn.Linear], sample_covariance: bool = False,
@@ -75,11 +78,12 @@ class _Hessians:
         self.cov: dict[str, torch.Tensor] = {}           # Σ_s X̃_sᵀX̃_s, X̃_s = X_s / |max X_s| (CorDA)
         self.samples: dict[str, int] = {}
         self.owner: dict[str, str] = {}        # module -> module whose accumulator it shares
-        self.H: dict[str, torch.Tensor] = {}
-        self.absmean: dict[str, torch.Tensor] = {}       # running mean |x| per input channel
+        self.H: dict[str, torch.Tensor] = {}             # over the ordinary tokens
+        self.massive: dict[str, list[torch.Tensor]] = {}  # rows of the massive tokens [m, IC], per owner
+        self.absmean: dict[str, torch.Tensor] = {}       # running mean |x| per input channel, every token
         self.absmax: dict[str, torch.Tensor] = {}
-        self.n: dict[str, int] = {}
-        self.excluded: dict[str, int] = {}               # massive tokens left out, per owner
+        self.n: dict[str, int] = {}                      # ordinary tokens
+        self.n_all: dict[str, int] = {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
         self._handles = []
         self.seconds = 0.0
@@ -89,13 +93,13 @@ class _Hessians:
             self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
         return self
 
-    def _keep(self, X: torch.Tensor) -> torch.Tensor | None:
-        """Bool [N] of the tokens (rows of X [N, IC]) to count, or None for all."""
+    def _massive(self, X: torch.Tensor) -> torch.Tensor | None:
+        """Bool [N] of the massive tokens among the rows of X [N, IC], or None if there are none."""
         if self.massive_ratio is None:
             return None
         energy = X.pow(2).sum(1)
-        keep = energy <= self.massive_ratio * energy.median()
-        return None if bool(keep.all()) else keep
+        big = energy > self.massive_ratio * energy.median()
+        return big if bool(big.any()) else None
 
     def _hook(self, name):
         def hook(_mod, args):
@@ -106,32 +110,27 @@ class _Hessians:
             if self.owner[name] != name:
                 return
             t0 = time.perf_counter()
-            shape = X.shape
-            X = X.detach().reshape(-1, X.shape[-1]).float()       # [N, IC]
-            if not torch.isfinite(X).all():
-                raise CalqError(f"non-finite calibration activations entering {name}",
-                                "check the model in fp32, or calibrate with other data")
-            m = X.abs().amax(0)
-            self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
-            keep = self._keep(X)
-            if keep is not None:
-                self.excluded[name] = self.excluded.get(name, 0) + int((~keep).sum())
             if self.want_cov:
-                Xs = X.reshape(shape[0], -1, X.shape[-1])                         # [B, T, IC]
-                if keep is not None:
-                    Xs = Xs * keep.reshape(shape[0], -1, 1)
+                Xs = X.detach().float().reshape(X.shape[0], -1, X.shape[-1])      # [B, T, IC]
                 Xs = Xs / Xs.amax(dim=(1, 2), keepdim=True).abs()                # per sample, signed max (spec)
                 c = torch.einsum("bti,btj->ij", Xs, Xs)
                 self.cov[name] = c if name not in self.cov else self.cov[name] + c
                 self.samples[name] = self.samples.get(name, 0) + Xs.shape[0]
-            if keep is not None:
-                X = X[keep]
-            n_old = self.n.get(name, 0)
-            a = X.abs().sum(0)
-            if n_old + X.shape[0] > 0:
-                self.absmean[name] = a / X.shape[0] if n_old == 0 else \
-                    self.absmean[name] * (n_old / (n_old + X.shape[0])) + a / (n_old + X.shape[0])
-            self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), X, n_old)
+            X = X.detach().reshape(-1, X.shape[-1]).float()       # [N, IC]
+            if not torch.isfinite(X).all():
+                raise CalqError(f"non-finite calibration activations entering {name}",
+                                "check the model in fp32, or calibrate with other data")
+            n_all = self.n_all.get(name, 0)
+            a, m = X.abs().sum(0), X.abs().amax(0)
+            self.absmax[name] = m if n_all == 0 else torch.maximum(self.absmax[name], m)
+            self.absmean[name] = a / X.shape[0] if n_all == 0 else \
+                self.absmean[name] * (n_all / (n_all + X.shape[0])) + a / (n_all + X.shape[0])
+            self.n_all[name] = n_all + X.shape[0]
+            big = self._massive(X)
+            if big is not None:
+                self.massive.setdefault(name, []).append(X[big])
+                X = X[~big]
+            self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), X, self.n.get(name, 0))
             self.seconds += time.perf_counter() - t0
         return hook
 
@@ -141,11 +140,27 @@ class _Hessians:
         self._seen.clear()
 
     def excluded_of(self, name: str) -> int:
-        return self.excluded.get(self.owner[name], 0)
+        return sum(x.shape[0] for x in self.massive.get(self.owner[name], []))
 
-    def of(self, name: str) -> tuple[torch.Tensor, int]:
+    def of(self, name: str, robust: bool = True) -> tuple[torch.Tensor, int]:
+        """(H, tokens): without the massive tokens (robust), or over every token."""
         owner = self.owner[name]
-        return self.H[owner], self.n[owner]
+        H, n = self.H[owner], self.n[owner]
+        if robust or owner not in self.massive:
+            return H, n
+        M = torch.cat(self.massive[owner])                  # [m, IC]
+        n_all = n + M.shape[0]
+        return (H * (n / n_all)).addmm_(M.t(), M, alpha=2.0 / n_all), n_all
+
+    def diag_all(self, name: str) -> torch.Tensor:
+        """diag of H over every token [IC]: what orders GPTQ's columns."""
+        owner = self.owner[name]
+        d = torch.diagonal(self.H[owner]).clone()
+        if owner not in self.massive:
+            return d
+        M = torch.cat(self.massive[owner])
+        n, n_all = self.n[owner], self.n[owner] + M.shape[0]
+        return d * (n / n_all) + 2.0 / n_all * M.pow(2).sum(0)
 
     def absmean_of(self, name: str) -> torch.Tensor:
         return self.absmean[self.owner[name]]
@@ -341,8 +356,9 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 seen[name] = mod
             stats = {}
             for name in seen:
-                H, n = hess.of(name)
+                H, n = hess.of(name, robust=method.robust_statistics)
                 stats[name] = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
+                               "hessian_diag_all": hess.diag_all(name), "error_hessian": hess.of(name)[0],
                                "input_absmean": hess.absmean_of(name), "input_absmax": hess.absmax_of(name),
                                "original_weight": originals[name], "sample_covariance": hess.covariance_of(name),
                                "input_owner": hess.owner[name], "excluded_tokens": hess.excluded_of(name)}
@@ -355,7 +371,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 seconds = (time.time() - t0) / max(len(records), 1)
                 for rec in records:
                     st = stats.get(rec.name, {})       # empty for a replaced submodule that is no Linear
-                    _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("hessian"),
+                    _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("error_hessian"),
                              originals.get(rec.name), st.get("tokens", 0), seconds, result, block, f"{prefix}.{i}",
                              st.get("excluded_tokens", 0))
                 phases["methods"] += time.time() - t0
@@ -368,7 +384,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 if "unit" in method.needs:
                     st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], device)
                 rec = method.apply(name, W, st)
-                _install(rec, mod, W, st["hessian"], originals[name], st["tokens"], time.time() - t0, result,
+                _install(rec, mod, W, st["error_hessian"], originals[name], st["tokens"], time.time() - t0, result,
                          excluded=st["excluded_tokens"])
                 phases["methods"] += time.time() - t0
             del hess, units

@@ -99,6 +99,7 @@ class EoRA(Method):
     needs = ("hessian", "original_weight", "input_absmean")
     compensates = True
     calibrate_on = "original"
+    robust_statistics = True
 
     def apply(self, name, W_hat, stats) -> Adapter:
         cfg = self.config

@@ -50,8 +50,11 @@ def accumulate_hessian(H: torch.Tensor | None, X: torch.Tensor, n_seen: int) -> 
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, block_size: int = 128,
-                  dampening_frac: float = 0.01, actorder: bool = False, max_damp_tries: int = 5) -> GPTQResult:
-    """Quantize W [OC, IC] against H [IC, IC] (Algorithm 1). Never raises on a numerical failure."""
+                  dampening_frac: float = 0.01, actorder: bool = False, max_damp_tries: int = 5,
+                  order: torch.Tensor | None = None) -> GPTQResult:
+    """Quantize W [OC, IC] against H [IC, IC] (Algorithm 1). Never raises on a numerical failure.
+
+    order: with actorder, the importance that sorts the columns (default diag H)."""
     W_orig = W
     W = W.detach().float().clone()                          # [OC, IC]
     H = H.detach().float().clone()                          # [IC, IC]; the caller's H may serve other methods
@@ -78,7 +81,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, block_size:
         zero = None if args.symmetric else torch.zeros_like(scale)
 
     if actorder:
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = torch.argsort(torch.diag(H) if order is None else order.to(H.device), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = torch.arange(IC, device=W.device)
@@ -182,6 +185,7 @@ from calq.methods.rtn import WeightQuantMethod, resolve_layout  # noqa: E402
 @register("gptq")
 class GPTQ(WeightQuantMethod):
     Config = GPTQConfig
+    robust_statistics = True
 
     @property
     def needs(self):
@@ -190,7 +194,10 @@ class GPTQ(WeightQuantMethod):
     def apply(self, name, W, stats) -> Compressed:
         cfg = self.config
         args, info = resolve_layout(cfg, W, stats)      # AdaDim decides with RTN; GPTQ runs once, in that layout
-        r = gptq_quantize(W, stats["hessian"], args, cfg.block_size, cfg.dampening_frac, cfg.actorder)
+        # Columns in the order of every token's energy: a channel that only massive tokens excite comes first and
+        # takes no error from the others, so those tokens keep RTN's error there while the rest get GPTQ's.
+        r = gptq_quantize(W, stats["hessian"], args, cfg.block_size, cfg.dampening_frac, cfg.actorder,
+                          order=stats.get("hessian_diag_all"))
         info.update(damp=r.damp, fallback_rtn=r.fallback)
         return Compressed(name, "gptq", cfg.bits, args.layout, cfg.group_size, cfg.symmetric, r.codes, r.scale,
                           r.zero, r.W_hat, loss=None if r.fallback else r.loss, info=info)

@@ -14,7 +14,7 @@ A method declares:
     PTQ1.61's preprocessing pass),
     and `model_records()`: `Packed` records of modules outside the blocks that `prepare` compressed and installed
     (Quamba2's embedding and lm_head), which join the block loop's records;
-  - optionally `check_shape`, `compensates` and `calibrate_on` (below).
+  - optionally `check_shape`, `compensates`, `calibrate_on` and `robust_statistics` (below).
 The engine never branches on a method's name; everything it needs is declared here.
 """
 
@@ -33,6 +33,7 @@ METHODS: dict[str, type[Method]] = {}
 # "input_absmean": mean |x| per input channel [IC]; "input_absmax": max |x| per input channel [IC].
 # "fp_path": the engine also carries the block inputs along the full-precision path (block methods' targets).
 # "sample_covariance": Σ_s X̃_sᵀX̃_s / #samples with X̃_s = X_s / |max X_s| per calibration sample (CorDA).
+# Always provided alongside "hessian": "hessian_diag_all", diag of H over every token (massive ones included).
 STATS = ("hessian", "unit", "original_weight", "input_absmean", "input_absmax", "sample_covariance", "fp_path")
 
 
@@ -104,6 +105,10 @@ class Method:
     # original block on the full-precision path's inputs ("fp": PTQ1.61's statistics come from the FP model).
     calibrate_on: str = "current"
     scope: str = "linear"       # "block": the engine calls apply_block(ctx) instead of apply per Linear
+    # True: "hessian" leaves out massive tokens (calibration.massive_token_ratio), for solvers that would otherwise
+    # fit a handful of attention-sink tokens at every other token's cost (GPTQ, EoRA); False: every token counts,
+    # as importance scores need (pruning masks, CorDA's covariance).
+    robust_statistics: bool = False
     Config: type[StageConfig] = StageConfig
     needs: tuple[str, ...] = ()
 
