@@ -102,7 +102,8 @@ def run_row(name: str, args, work: Path) -> dict:
 
 def table(results: list[dict], args) -> str:
     keys = [k for k in ("wiki2048", "wiki512", "stdlib512") if k in results[0]["ppl"]]
-    names = {"wiki2048": f"WikiText-2 2048 ({args.windows_2048} w)", "wiki512": f"WikiText-2 512 ({args.windows_512} w)",
+    names = {"wiki2048": f"WikiText-2 2048 ({args.windows_2048} w)",
+             "wiki512": f"WikiText-2 512 ({args.windows_512} w)",
              "stdlib512": f"stdlib:test 512 ({args.windows_stdlib} w)"}
     head = "| row | " + " | ".join(names[k] for k in keys) + \
         " | bits/weight (+adapters) | checkpoint MiB | compress s | peak RSS GiB |"
