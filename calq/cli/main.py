@@ -69,9 +69,9 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
                                          "block at a time), or auto (disk when they exceed half the free RAM).")):
     """Compress a model with a recipe; write a safetensors checkpoint and report.json/report.md."""
     from calq import api
-    from calq.cli.render import BlockProgress, report_table
+    from calq.cli.render import EventProgress, report_table
 
-    with BlockProgress(console) as progress:
+    with EventProgress(console) as progress:
         report = _run(api.compress, recipe, output, model=model, device=device, seed=seed,
                       num_samples=num_samples, seq_len=seq_len, evaluate=not no_eval, overwrite=overwrite,
                       progress=progress.update, offload=offload)
@@ -92,9 +92,9 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
              as_json: bool = typer.Option(False, "--json", help="One JSON object per dataset.")):
     """Perplexity (GPTQ protocol: non-overlapping windows) of a model read back from disk."""
     from calq import api
-    from calq.cli.render import EvalProgress
+    from calq.cli.render import EventProgress
 
-    with EvalProgress(err_console) as progress:
+    with EventProgress(err_console, transient=True) as progress:
         results = _run(api.evaluate, target, dataset, seq_len=seq_len, max_windows=max_windows, device=device,
                        batch_size=batch_size, offload=offload, reference=reference, progress=progress.update)
     if as_json:

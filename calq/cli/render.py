@@ -6,47 +6,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 
-class BlockProgress:
-    """Draws engine events: block i/N, methods, tokens, elapsed and ETA."""
+class EventProgress:
+    """Draws the API's progress events: compression (block i/N, methods, tokens, s/block, ETA), block-wise and
+    LoRA training steps, evaluation (windows per dataset), and phase notices as dim lines."""
 
-    def __init__(self, console):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 TextColumn("block {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
-        self.task = None
-        self.lora = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def update(self, e: dict) -> None:
-        if e["event"] == "phase":
-            self.progress.console.print(f"[dim]{e['name']}…[/]")
-        elif e["event"] == "start":
-            self.task = self.progress.add_task(", ".join(e["methods"]), total=e["blocks"], info="")
-        elif e["event"] == "block_end" and self.task is not None:
-            self.progress.update(self.task, completed=e["index"] + 1,
-                                 info=f"{e['tokens']:,} tokens, {e['seconds']:.1f}s/block")
-        elif e["event"] == "train" and self.task is not None:      # block-wise training inside block i
-            self.progress.update(self.task, info=f"block {e['index'] + 1}: step {e['step']}/{e['total']}, "
-                                 f"loss {e['loss']:.4f}")
-        elif e["event"] == "lora":                                  # a model-level fine-tune (preprocessing)
-            if self.lora is None:
-                self.lora = self.progress.add_task("restorative LoRA", total=e["total"], info="")
-            self.progress.update(self.lora, completed=e["step"], info=f"loss {e['loss']:.4f}")
-
-
-class EvalProgress:
-    """Draws evaluation events (windows scored per dataset) and phase notices, on stderr so --json stays clean."""
-
-    def __init__(self, console):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                                 "{task.total} windows"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=console, transient=True)
+    def __init__(self, console, transient: bool = False):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[unit]}"),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=transient)
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
@@ -56,13 +23,32 @@ class EvalProgress:
     def __exit__(self, *exc):
         self.progress.__exit__(*exc)
 
+    def _task(self, key: str, description: str, total: int):
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(description, total=total, unit="", info="")
+        return self.tasks[key]
+
     def update(self, e: dict) -> None:
-        if e["event"] == "phase":
+        kind = e["event"]
+        if kind == "phase":
             self.progress.console.print(f"[dim]{e['name']}…[/]")
-        elif e["event"] == "eval":
-            if e["dataset"] not in self.tasks:
-                self.tasks[e["dataset"]] = self.progress.add_task(e["dataset"][-40:], total=e["total"])
-            self.progress.update(self.tasks[e["dataset"]], completed=e["done"])
+        elif kind == "start":
+            self.progress.update(self._task("blocks", ", ".join(e["methods"]), e["blocks"]),
+                                 unit=f"block 0/{e['blocks']}")
+        elif kind == "block_end" and "blocks" in self.tasks:
+            self.progress.update(self.tasks["blocks"], completed=e["index"] + 1,
+                                 unit=f"block {e['index'] + 1}/{e['total']}",
+                                 info=f"{e['tokens']:,} tokens, {e['seconds']:.1f}s/block")
+        elif kind == "train" and "blocks" in self.tasks:         # block-wise training inside block i
+            self.progress.update(self.tasks["blocks"], info=f"block {e['index'] + 1}: step {e['step']}/{e['total']}, "
+                                 f"loss {e['loss']:.4f}")
+        elif kind == "lora":                                    # a model-level fine-tune (preprocessing)
+            task = self._task("lora", "restorative LoRA", e["total"])
+            self.progress.update(task, completed=e["step"], unit=f"step {e['step']}/{e['total']}",
+                                 info=f"loss {e['loss']:.4f}")
+        elif kind == "eval":
+            task = self._task("eval:" + e["dataset"], e["dataset"][-40:], e["total"])
+            self.progress.update(task, completed=e["done"], unit=f"{e['done']}/{e['total']} windows")
 
 
 def report_table(report) -> Table:
