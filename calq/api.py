@@ -15,9 +15,9 @@ from calq.calibration.blocks import capture_block_inputs, find_blocks, find_line
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
 from calq.calibration.engine import ModuleResult, PrepareContext, run_blocks, stage_targets
 from calq.calibration.loading import is_calq_checkpoint, load_model, quiet_transformers, source_info
-from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_forward
+from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_window_losses
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
-from calq.eval.perplexity import kl_to_reference, perplexity, window_loss
+from calq.eval.perplexity import kl_to_reference, perplexity
 from calq.eval.report import (
     AdapterRecord,
     EvalResult,
@@ -153,7 +153,7 @@ def _load_disk(ref: str, dtype: torch.dtype | None = None, with_tokenizer: bool 
 
 def _streamed_ppl(disk: DiskBlocks, device, dtype: torch.dtype) -> Callable[[torch.Tensor, int], float]:
     def score(windows: torch.Tensor, batch_size: int) -> float:
-        losses = streamed_forward(disk, list(windows.split(batch_size)), device, dtype, window_loss)
+        losses = streamed_window_losses(disk, list(windows.split(batch_size)), device, dtype)
         return math.exp(torch.cat(losses).mean().item())
     return score
 

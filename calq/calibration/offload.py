@@ -114,15 +114,18 @@ class DiskBlocks:
 
 
 @torch.no_grad()
-def streamed_forward(disk: DiskBlocks, batches: list[torch.Tensor], device, dtype: torch.dtype,
-                     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """fn(ids, logits) for each batch of token ids, running the model block by block over all batches.
+def streamed_window_losses(disk: DiskBlocks, batches: list[torch.Tensor], device, dtype: torch.dtype) -> list:
+    """Mean next-token loss of each window (`eval.perplexity.window_losses`), per batch of token ids, running the
+    model block by block over all batches.
 
     Each block is read once for the whole evaluation set (not once per batch, as a per-forward offload hook
     would do); the hidden states of every batch rest on CPU in between. The model's own forward then runs
     once more per batch with each block answering its precomputed output, so the head (final norm, lm_head,
-    anything the architecture does after the blocks) is the model's code, unchanged.
+    anything the architecture does after the blocks) is the model's code, unchanged, scored a chunk of tokens
+    at a time as in RAM.
     """
+    from calq.eval.perplexity import Head, hidden_window_loss, window_loss
+
     model, blocks = disk.model, disk.blocks
     rest_dtype = next(p for p in model.parameters() if not p.is_meta).dtype
     move_outside_blocks(model, blocks, device, dtype)
@@ -136,10 +139,15 @@ def streamed_forward(disk: DiskBlocks, batches: list[torch.Tensor], device, dtyp
                 raw = block(hidden.to(device), **to_device(kwargs, device))
                 inputs[j] = (block_output(raw).cpu(), kwargs)
             disk.release(i, block)
-        out = []
+        out, head = [], None
         for ids, (hidden, _) in zip(batches, inputs, strict=True):
-            with _answering(blocks, hidden.to(device), raw):
-                out.append(fn(ids, model(input_ids=ids.to(device), use_cache=False).logits))
+            ids, hidden = ids.to(device), hidden.to(device)
+            if head is None:
+                with _answering(blocks, hidden[:1, :16], raw):
+                    head = Head(model, ids[:1, :16])
+            with _answering(blocks, hidden, raw):
+                out.append(hidden_window_loss(head, ids, head.hidden(ids)) if head.chunked else
+                           window_loss(ids, model(input_ids=ids, use_cache=False).logits))
         return out
     finally:
         move_outside_blocks(model, blocks, "cpu", rest_dtype)
