@@ -80,6 +80,8 @@ def _check_activation_memory(recipe: Recipe, model, dtype: torch.dtype) -> None:
     from calq.calibration import offload as offload_lib
 
     cal = recipe.calibration
+    if all(METHODS[s.method](s).data_free for s in recipe.stages):
+        return
     streams = 1 + (cal.propagate == "fp")
     if any("fp_path" in METHODS[s.method](s).needs for s in recipe.stages):
         streams = 4
@@ -176,9 +178,11 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     """
     cal = recipe.calibration
     torch.manual_seed(cal.seed)
-    ids = calibration_windows(load_text(cal.dataset, "calibration"), tokenizer, cal.num_samples, cal.seq_len,
-                              cal.seed)
-    batches = list(ids.split(cal.batch_size))
+    stages = [METHODS[s.method](s) for s in recipe.stages]
+    data_free = all(m.data_free for m in stages)        # RTN, magnitude pruning: no calibration forward at all
+    ids = torch.empty(0, cal.seq_len, dtype=torch.long) if data_free else \
+        calibration_windows(load_text(cal.dataset, "calibration"), tokenizer, cal.num_samples, cal.seq_len, cal.seed)
+    batches = [] if data_free else list(ids.split(cal.batch_size))
     dtype = compute_dtype(device, store_dtype)
 
     def stage_batches(stage) -> list[torch.Tensor]:
@@ -190,7 +194,7 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     def run(model, stages, onload=None, offload=None):
         prefix, blocks = find_blocks(model)
         move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU, visit the device one at a time
-        inputs = capture_block_inputs(model, blocks[0], batches, device)
+        inputs = capture_block_inputs(model, blocks[0], batches, device) if batches else []
         own = {k: capture_block_inputs(model, blocks[0], stage_batches(st), device)
                for k, st in enumerate(stages) if st.config.calibration is not None}
         if progress:
@@ -200,7 +204,6 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
         move_outside_blocks(model, blocks, "cpu", None)  # the blocks are on CPU already (or on meta, offloaded)
         return result
 
-    stages = [METHODS[s.method](s) for s in recipe.stages]
     for method in stages:
         method.prepare(model, PrepareContext(ids, device, cal.seed, run, progress))
     result = run(model, stages, onload, offload)
@@ -321,7 +324,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         report = Report(
             **versions(), model=recipe.model, source=source, recipe=recipe.model_dump(mode="json"),
             seed=recipe.calibration.seed,
-            device=str(dev), offload=mode,
+            device=str(dev), offload=mode, data_free=all(METHODS[s.method](s).data_free for s in recipe.stages),
             timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
             peak_rss_bytes=peak_rss_bytes(),
             peak_cuda_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,

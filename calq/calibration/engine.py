@@ -254,8 +254,10 @@ class PrepareContext:
     progress: Callable[[dict], None] | None = None
 
 
-def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    # ||X ΔWᵀ||² = (N/2)·tr(ΔW H ΔWᵀ) with H = 2/N XᵀX; the N/2 cancels in the ratio.
+def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None) -> float | None:
+    # ||X ΔWᵀ||² = (N/2)·tr(ΔW H ΔWᵀ) with H = 2/N XᵀX; the N/2 cancels in the ratio. No H: not measured.
+    if H is None:
+        return None
     dW = W - W_hat
     num = ((dW @ H) * dW).sum()
     den = ((W @ H) * W).sum()
@@ -332,6 +334,18 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         for k, method in enumerate(stages):
             targets = stage_targets(linears, method.config)
             if not targets:
+                continue
+            if method.data_free:
+                if propagate == "fp" and fp_outs is None and inputs:      # the FP outputs, before compression
+                    t0 = time.perf_counter()
+                    fp_outs = forward(block, inputs, keep=True)
+                    phases["propagate"] += time.perf_counter() - t0
+                for name, mod in targets.items():       # from the weights alone; no error measured
+                    t0 = time.time()
+                    W = mod.weight.data.float().clone()
+                    rec = method.apply(name, W, {"scale_dtype": scale_dtype, "original_weight": originals[name]})
+                    _install(rec, mod, W, None, originals[name], 0, time.time() - t0, result)
+                    phases["methods"] += time.time() - t0
                 continue
             t0 = time.perf_counter()
             units = UnitInputs(block, f"{prefix}.{i}", targets)

@@ -58,6 +58,7 @@ class Report(BaseModel):
     seed: int
     device: str
     offload: str = "cpu"               # where weights rested: cpu (RAM) or disk (one block at a time)
+    data_free: bool = False            # every stage worked from the weights alone: no calibration forward ran
     timings: dict                      # total, load, calibration, compress, write, evaluation; per_block
     peak_rss_bytes: int
     peak_cuda_bytes: int | None = None

@@ -20,7 +20,9 @@ def render_markdown(data: dict, out_dir: Path) -> None:
               f"- bits per weight (quantized Linears, codes + scales + zeros): **{data['bits_per_weight']:.3f}**",
               f"- checkpoint {_mib(data['checkpoint_bytes'])} vs dense {_mib(data['dense_bytes'])}",
               f"- time {data['timings']['total']:.1f} s, peak RSS {_mib(data['peak_rss_bytes'])}",
-              *_massive_lines(data), ""]
+              *_massive_lines(data),
+              *(["- calibration: none (every stage works from the weights alone); per-layer errors not measured"]
+                if data.get("data_free") else []), ""]
     if data["evaluation"]:
         lines += ["## Perplexity", "", data.get("evaluation_protocol", ""), "",
                   "| dataset | seq_len | windows | dense | compressed | ratio |", "|---|---|---|---|---|---|"]

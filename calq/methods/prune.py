@@ -114,7 +114,10 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: str, block_size:
 @register("prune")
 class Prune(Method):
     Config = PruneConfig
-    needs = ("hessian",)
+
+    @property
+    def needs(self):
+        return () if self.config.criterion == "magnitude" else ("hessian",)
 
     def check_shape(self, shape):
         nm = _nm(self.config.sparsity)

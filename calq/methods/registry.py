@@ -117,6 +117,12 @@ class Method:
         if not set(self.needs) <= set(STATS):
             raise ValueError(f"method {self.name!r} needs {set(self.needs) - set(STATS)}, unknown to the engine")
 
+    @property
+    def data_free(self) -> bool:
+        """Works from the weights alone (RTN, magnitude pruning): the engine runs no calibration forward for it,
+        and none at all when every stage is data-free; its per-layer error is then not measured."""
+        return self.scope == "linear" and not self.needs and not self.compensates and self.calibrate_on == "current"
+
     def check_shape(self, shape: tuple[int, int]) -> tuple[str, str] | None:
         """(recipe key, problem) if this stage's settings cannot apply to a Linear of shape [OC, IC], else None."""
         return None

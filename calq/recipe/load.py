@@ -49,8 +49,12 @@ def merge_overrides(base: dict, over: dict) -> dict:
     for k, v in over.items():
         if v is None:
             continue
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_overrides(out[k], v)
+        if isinstance(v, dict):
+            if k in out and not isinstance(out[k], dict):
+                continue                # the recipe's own value is no mapping: validation reports that
+            merged = merge_overrides(out.get(k, {}), v)
+            if merged or k in out:      # overrides that are all None add no section
+                out[k] = merged
         else:
             out[k] = v
     return out
