@@ -109,48 +109,50 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, args: QuantArgs, bloc
 
     if Hinv is None:
         return _rtn_fallback(W_orig, args, damp)
-    W = W[:, perm]
-
+    # The solve runs on Wᵀ [IC, OC] in the permuted order: a column of W is a contiguous row there, so the
+    # per-column update is one in-place rank-1 `addr_` and the lazy-block update one in-place `addmm_`.
+    Wt = W[:, perm].t().contiguous()                        # [IC, OC]
     cols = perm.tolist()                                    # permuted position -> original column
-    Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W)
-    Losses = torch.zeros_like(W)
+    Qt = torch.zeros_like(Wt)
+    codes_t = torch.zeros_like(Wt)
+    losses = torch.zeros(IC, device=W.device)               # Σ over rows of (w − q)² / d² / 2, per column
     for i1 in range(0, IC, block_size):
         i2 = min(i1 + block_size, IC)
-        W1 = W[:, i1:i2].clone()                            # [OC, B]
-        Q1, C1, Err1, Losses1 = (torch.zeros_like(W1) for _ in range(4))
+        W1 = Wt[i1:i2]                                      # [B, OC], a view: updated in place
+        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            w, d, c = W1[:, i], Hinv1[i, i], cols[i1 + i]
+            w, d, c = W1[i], Hinv1[i, i], cols[i1 + i]
             s, z = _column_qparams(W1, i, c, scale, zero, g, args, static)
             q = quantize(w, s, z, args)                     # [OC]
-            Q1[:, i] = dequantize(q, s, z)
-            C1[:, i] = q
-            Losses1[:, i] = (w - Q1[:, i]) ** 2 / d**2 / 2
-            err1 = (w - Q1[:, i]) / d
-            W1[:, i + 1:] -= torch.outer(err1, Hinv1[i, i + 1:])
-            Err1[:, i] = err1
-        Q[:, i1:i2], codes[:, i1:i2], Losses[:, i1:i2] = Q1, C1, Losses1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                # the block's error reaches later columns at once
+            Qt[i1 + i] = dequantize(q, s, z)
+            codes_t[i1 + i] = q
+            err1 = (w - Qt[i1 + i]) / d
+            losses[i1 + i] = err1.pow(2).sum() / 2
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err1, alpha=-1)
+            Err1[i] = err1
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)    # the block's error reaches later columns at once
 
     inv = torch.argsort(perm)
-    W_hat = Q[:, inv]
+    W_hat = Qt[inv].t().contiguous()
     if not torch.isfinite(W_hat).all():
         return _rtn_fallback(W_orig, args, damp)
-    return GPTQResult(codes[:, inv].to(torch.int8), scale, zero, W_hat, Losses.sum().item(), damp, False)
+    return GPTQResult(codes_t[inv].t().to(torch.int8).contiguous(), scale, zero, W_hat, losses.sum().item(), damp,
+                      False)
 
 
 def _column_qparams(W1, i, c, scale, zero, g, args, static):
-    """Scale/zero [OC] for the block column W1[:, i] (original column c); records new params in scale/zero."""
-    OC = W1.shape[0]
+    """Scale/zero [OC] for the block row W1[i] (a column of W, original column c) of W1 [B, OC]; records new
+    params in scale/zero."""
+    OC = W1.shape[1]
     if args.layout == "ic":
-        s, z = qparams(W1[:, i].reshape(OC // g, g), args)  # [OC/g]
+        s, z = qparams(W1[i].reshape(OC // g, g), args)     # [OC/g]
         scale[:, c] = s
         if z is not None:
             zero[:, c] = z
         return s.repeat_interleave(g), None if z is None else z.repeat_interleave(g)
     if not static and c % g == 0:
-        s, z = qparams(W1[:, i:i + g], args)                # [OC]
+        s, z = qparams(W1[i:i + g].t(), args)               # [OC]
         scale[:, c // g] = s
         if z is not None:
             zero[:, c // g] = z
