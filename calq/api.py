@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
+from calq.calibration import offload as offload_lib
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
 from calq.calibration.engine import ModuleResult, PrepareContext, run_blocks, stage_targets
 from calq.calibration.loading import is_calq_checkpoint, load_model, quiet_transformers, source_info
 from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_window_losses
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
+from calq.eval import memory
 from calq.eval.perplexity import kl_to_reference, perplexity
 from calq.eval.report import (
     AdapterRecord,
@@ -69,42 +71,6 @@ def _check_stages(recipe: Recipe, model) -> None:
                 key, msg = problem
                 raise RecipeError(f"stages[{i}].{key}: {msg} of {name}",
                                   "pick a value that divides it (group_size -1 means one group per channel)")
-
-
-def _check_activation_memory(recipe: Recipe, model, dtype: torch.dtype) -> None:
-    """Fail before any work when the calibration activations cannot fit in the RAM left after loading.
-
-    The engine holds every sample's hidden states on CPU once (each block's outputs replace its inputs batch by
-    batch), twice with `propagate: fp`, and about four times for methods that also follow the full-precision
-    path (PTQ1.61); a stage with its own data adds its own stream."""
-    from calq.calibration import offload as offload_lib
-
-    cal = recipe.calibration
-    if all(METHODS[s.method](s).data_free for s in recipe.stages):
-        return
-    streams = 1 + (cal.propagate == "fp")
-    if any("fp_path" in METHODS[s.method](s).needs for s in recipe.stages):
-        streams = 4
-    tokens = cal.num_samples * cal.seq_len * streams
-    for s in recipe.stages:
-        if s.calibration is not None:
-            tokens += (s.calibration.num_samples or cal.num_samples) * (s.calibration.seq_len or cal.seq_len)
-    hidden = model.get_input_embeddings().embedding_dim
-    need = tokens * hidden * torch.finfo(dtype).bits // 8
-    have = offload_lib.available_ram()
-    if need > have:
-        raise CalqError(f"the calibration activations need about {_size(need)} ({cal.num_samples} samples x "
-                        f"{cal.seq_len} tokens x hidden {hidden} x {streams} {'copy' if streams == 1 else 'copies'}"
-                        f"{' + per-stage data' if any(s.calibration for s in recipe.stages) else ''}), "
-                        f"but only {_size(have)} of RAM "
-                        "is available", "use fewer --num-samples or a shorter --seq-len")
-
-
-def _size(n: int) -> str:
-    for unit, b in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= b:
-            return f"{n / b:.1f} {unit}"
-    return f"{n / 1024:.0f} KiB"
 
 
 def _prepare_output(output: Path, overwrite: bool) -> Path:
@@ -248,11 +214,13 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             model_, disk, tokenizer = _load_disk(recipe.model)
         else:
             model_, tokenizer, _ = load_model(recipe.model, dtype=None)
-        store_dtype = next(model_.parameters()).dtype
+        store_dtype = next(p for p in model_.parameters() if not p.is_meta).dtype
         source = source_info(recipe.model)
         _check_stages(recipe, model_)
-        _check_activation_memory(recipe, model_, compute_dtype(dev, store_dtype))
+        predicted = memory.plan(recipe, model_, compute_dtype(dev, store_dtype), evaluate)
+        memory.check(predicted, offload_lib.available_ram())
         timings["load"] = time.time() - t
+        peaks = {"load": peak_rss_bytes()}
 
         windows_cache: dict = {}
         baseline = {}
@@ -267,6 +235,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                                      recipe, windows_cache)
                 model_.to("cpu", store_dtype)
             timings["baseline_evaluation"] = time.time() - t
+            peaks["dense_evaluation"] = peak_rss_bytes()
 
         t = time.time()
         hooks = {}
@@ -275,6 +244,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             hooks = {"onload": disk.onload, "offload": _write_block(disk, writer)}
         result = compress_model(model_, tokenizer, recipe, dev, store_dtype, emit, **hooks)
         timings["compress"] = time.time() - t
+        peaks["compress"] = peak_rss_bytes()
         timings["per_block"] = [round(x, 3) for x in result.block_seconds]
         timings["phases"] = {k: round(v, 3) for k, v in result.phase_seconds.items()}
 
@@ -294,6 +264,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
         timings["write"] = time.time() - t
+        peaks["write"] = peak_rss_bytes()
         del model_
 
         evals = []
@@ -312,6 +283,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             evals = [EvalResult(dataset=s, seq_len=recipe.evaluation.seq_len, windows=n, ppl=p,
                                 baseline_ppl=baseline[s][1]) for s, (n, p) in after.items()]
             timings["evaluation"] = time.time() - t
+            peaks["evaluation"] = peak_rss_bytes()
 
         # Over every Linear a stage replaced: packed bytes where quantized, fp16 where only pruned.
         quantized = {m.record.name for m in result.modules}
@@ -326,7 +298,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             seed=recipe.calibration.seed,
             device=str(dev), offload=mode, data_free=all(METHODS[s.method](s).data_free for s in recipe.stages),
             timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
-            peak_rss_bytes=peak_rss_bytes(),
+            peak_rss_bytes=peak_rss_bytes(), memory={"predicted": predicted, "peak_rss_after": peaks},
             peak_cuda_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
             skipped_modules=result.skipped, bits_per_weight=8 * q_bytes / n_weights if n_weights else 16.0,
             adapter_bytes=adapter_bytes,

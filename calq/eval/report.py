@@ -62,6 +62,8 @@ class Report(BaseModel):
     timings: dict                      # total, load, calibration, compress, write, evaluation; per_block
     peak_rss_bytes: int
     peak_cuda_bytes: int | None = None
+    # predicted bytes per part (eval/memory.py) and the measured peak RSS at the end of each phase (cumulative)
+    memory: dict = Field(default_factory=dict)
     bits_per_weight: float             # codes + scales + zeros over the compressed Linears (16 if none)
     checkpoint_bytes: int
     dense_bytes: int

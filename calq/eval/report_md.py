@@ -20,6 +20,7 @@ def render_markdown(data: dict, out_dir: Path) -> None:
               f"- bits per weight (quantized Linears, codes + scales + zeros): **{data['bits_per_weight']:.3f}**",
               f"- checkpoint {_mib(data['checkpoint_bytes'])} vs dense {_mib(data['dense_bytes'])}",
               f"- time {data['timings']['total']:.1f} s, peak RSS {_mib(data['peak_rss_bytes'])}",
+              *_memory_lines(data.get("memory") or {}),
               *_massive_lines(data),
               *(["- calibration: none (every stage works from the weights alone); per-layer errors not measured"]
                 if data.get("data_free") else []), ""]
@@ -62,6 +63,14 @@ def render_markdown(data: dict, out_dir: Path) -> None:
                          f"{_num(m['group_size'], 'd')} | {m['bits_per_weight']:.3f} | {_num(m['rel_error'])} | "
                          f"{m['seconds']:.2f} |")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _memory_lines(mem: dict) -> list[str]:
+    if not mem:
+        return []
+    pred = ", ".join(f"{k} {_mib(v)}" for k, v in mem["predicted"].items() if v)
+    after = ", ".join(f"{k} {_mib(v)}" for k, v in mem["peak_rss_after"].items())
+    return [f"- memory predicted: {pred}; peak RSS at the end of each phase: {after}"]
 
 
 def _massive_lines(data: dict) -> list[str]:

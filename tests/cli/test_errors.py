@@ -153,13 +153,13 @@ def test_evaluate_offload(tmp_path):
 def test_calibration_activations_that_cannot_fit_fail_before_any_work(tmp_path, tiny_llama_dir, monkeypatch):
     from calq.calibration import offload
 
-    # 2 samples x 32 tokens x hidden 128 x 1 copy x fp32 = 32 KiB; pretend 16 KiB are free
+    # 2 samples x 32 tokens x hidden 128 x 1 copy x fp32 = 32 KiB of activations; pretend 16 KiB are free
     monkeypatch.setattr(offload, "available_ram", lambda: 16 * 1024)
     out = tmp_path / "o"
-    _fails(["compress", str(_recipe(tmp_path, str(tiny_llama_dir))), "-o", str(out), "--offload", "cpu",
-            "--device", "cpu"], "the calibration activations need about 32 KiB (2 samples x 32 tokens x hidden 128 "
-           "x 1 copy), but only 16 KiB of RAM is available — use fewer --num-samples", out)
-    monkeypatch.setattr(offload, "available_ram", lambda: 128 * 1024)
-    res = runner.invoke(app, ["compress", str(_recipe(tmp_path, str(tiny_llama_dir))), "-o", str(out),
+    _fails(["compress", str(_recipe(tmp_path, str(tiny_llama_dir), method="gptq")), "-o", str(out), "--offload",
+            "cpu", "--device", "cpu", "--no-eval"], "beyond the loaded weights (activations 32 KiB, block 1.1 MiB, "
+           "hessians 1.9 MiB), but only 16 KiB of RAM is available — use fewer --num-samples", out)
+    monkeypatch.setattr(offload, "available_ram", lambda: 4 * 2**20)
+    res = runner.invoke(app, ["compress", str(_recipe(tmp_path, str(tiny_llama_dir), method="gptq")), "-o", str(out),
                               "--offload", "cpu", "--device", "cpu", "--no-eval"])
     assert res.exit_code == 0, res.output
