@@ -263,6 +263,11 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                                           store_dtype)
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        if recipe.output.format == "gguf":
+            from calq.export.gguf import export_gguf
+
+            emit({"event": "phase", "name": "writing model.gguf"})
+            stats["gguf_bytes"] = export_gguf(tmp, tmp / "model.gguf", embeddings=recipe.output.embeddings)["bytes"]
         timings["write"] = time.time() - t
         peaks["write"] = peak_rss_bytes()
         del model_
@@ -308,7 +313,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             adapters=[AdapterRecord(name=a.adapter.name, method=a.adapter.method, rank=a.adapter.rank,
                                     rel_error_before=a.rel_error_before, rel_error_after=a.rel_error_after,
                                     info=a.adapter.info) for a in result.adapters],
-            checkpoint_bytes=stats["checkpoint_bytes"],
+            checkpoint_bytes=stats["checkpoint_bytes"], gguf_bytes=stats.get("gguf_bytes"),
             dense_bytes=stats["dense_bytes"], quantized_weights=n_weights, evaluation=evals,
             evaluation_protocol=PROTOCOL,
             modules=[ModuleRecord(name=m.record.name, method=m.record.method, bits=m.record.bits,

@@ -113,21 +113,31 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
 
 @app.command()
 def export(checkpoint: Path = typer.Argument(..., help="A calq output directory (compressed-tensors)."),
-           output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
-           format: str = typer.Option("gptq", help="gptq: AutoGPTQ/GPTQModel v1 layout (qweight, qzeros, scales)."),
+           output: Path = typer.Option(..., "--output", "-o", help="Output directory (gptq) or .gguf file (gguf)."),
+           format: str = typer.Option("gptq", help="gptq: AutoGPTQ/GPTQModel v1 layout (qweight, qzeros, scales); "
+                                      "gguf: one llama.cpp file, Q4_0/Q8_0 blocks holding calq's own codes."),
+           embeddings: str = typer.Option("q8_0", help="gguf only: token embedding and output head as q8_0, f16 "
+                                          "or f32."),
            overwrite: bool = typer.Option(False, "--overwrite")):
-    """Rewrite a checkpoint in another format; tokenizer, recipe, report and adapter/ are copied along."""
+    """Rewrite a checkpoint in another format; tokenizer, recipe, report and adapter/ are copied along (gptq)."""
     from calq.errors import CalqError
-    from calq.export.gptq import export_gptq
 
     def run():
-        if format != "gptq":
-            raise CalqError(f"unknown export format {format!r}", "use --format gptq")
-        return export_gptq(checkpoint, output, overwrite)
+        if format == "gptq":
+            from calq.export.gptq import export_gptq
 
-    cfg = _run(run)
-    console.print(f"wrote [bold]{output}[/] (GPTQ v1: {cfg['bits']}-bit, group_size {cfg['group_size']}, "
-                  f"sym {cfg['sym']})")
+            cfg = export_gptq(checkpoint, output, overwrite)
+            return (f"GPTQ v1: {cfg['bits']}-bit, group_size {cfg['group_size']}, sym {cfg['sym']}")
+        if format == "gguf":
+            from calq.export.gguf import export_gguf
+
+            info = export_gguf(checkpoint, output, overwrite, embeddings)
+            return (f"GGUF {info['architecture']}: {info['quantized_tensors']} tensors as "
+                    f"{'/'.join(info['types']) or 'none'}, {info['bytes'] / 2**20:.1f} MiB")
+        raise CalqError(f"unknown export format {format!r}", "use --format gptq or --format gguf")
+
+    what = _run(run)
+    console.print(f"wrote [bold]{output}[/] ({what})")
 
 
 @app.command()

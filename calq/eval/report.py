@@ -66,6 +66,7 @@ class Report(BaseModel):
     memory: dict = Field(default_factory=dict)
     bits_per_weight: float             # codes + scales + zeros over the compressed Linears (16 if none)
     checkpoint_bytes: int
+    gguf_bytes: int | None = None      # model.gguf, when output.format is gguf
     dense_bytes: int
     quantized_weights: int             # number of weights in quantized Linears
     evaluation: list[EvalResult] = Field(default_factory=list)

@@ -18,7 +18,8 @@ def render_markdown(data: dict, out_dir: Path) -> None:
               f"- calq {data['calq_version']}, torch {data['torch']}, transformers {data['transformers']}, "
               f"compressed-tensors {data['compressed_tensors']}, Python {data['python']}",
               f"- bits per weight (quantized Linears, codes + scales + zeros): **{data['bits_per_weight']:.3f}**",
-              f"- checkpoint {_mib(data['checkpoint_bytes'])} vs dense {_mib(data['dense_bytes'])}",
+              f"- checkpoint {_mib(data['checkpoint_bytes'])} vs dense {_mib(data['dense_bytes'])}"
+              + (f"; model.gguf {_mib(data['gguf_bytes'])}" if data.get("gguf_bytes") else ""),
               f"- time {data['timings']['total']:.1f} s, peak RSS {_mib(data['peak_rss_bytes'])}",
               *_memory_lines(data.get("memory") or {}),
               *_massive_lines(data),

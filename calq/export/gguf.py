@@ -89,23 +89,39 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(template)
 
 
-def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", name: str | None = None) -> dict:
-    """Write a dense transformers model as GGUF (`dtype` f16 or f32 for 2-D tensors). Returns a summary."""
+def _file_type(blocks: dict, dtype: str):
+    import gguf
+
+    types = {q for _, q in blocks.values()}
+    if gguf.GGMLQuantizationType.Q4_0 in types:
+        return gguf.LlamaFileType.MOSTLY_Q4_0
+    if gguf.GGMLQuantizationType.Q8_0 in types:
+        return gguf.LlamaFileType.MOSTLY_Q8_0
+    return gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
+
+
+def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", name: str | None = None,
+               blocks: dict | None = None, embeddings: str | None = None) -> dict:
+    """Write a transformers model as GGUF. Returns a summary.
+
+    dtype: f16 or f32 for 2-D tensors; blocks: {state-dict key: (uint8 [OC, bytes], GGML type)} written as they
+    are instead of the model's tensor (a calq checkpoint's codes, export_gguf); embeddings: f16, f32 or q8_0 for
+    token_embd and output (q8_0 rounded by the gguf package, as llama.cpp's quantize does); default dtype."""
     import gguf
 
     arch = ARCHS.get(type(model).__name__)
     if arch is None:
         raise CalqError(f"GGUF export supports {', '.join(ARCHS)}; this model is {type(model).__name__}",
                         "export one of those architectures")
-    if dtype not in ("f16", "f32"):
-        raise CalqError(f"unknown GGUF dtype {dtype!r}", "use f16 or f32")
+    if dtype not in ("f16", "f32") or embeddings not in (None, "f16", "f32", "q8_0"):
+        raise CalqError(f"unknown GGUF tensor type {dtype!r} / embeddings {embeddings!r}", "use f16, f32 or q8_0")
     config = model.config
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         writer.add_name(name or getattr(config, "_name_or_path", "") or type(model).__name__)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+        writer.add_file_type(_file_type(blocks or {}, dtype))
         _hparams(writer, config)
         _tokenizer(writer, tokenizer, config.vocab_size)
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -120,13 +136,22 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", name: str
             if gname is None:
                 raise CalqError(f"no GGUF name for tensor {key}", "this model has tensors llama.cpp's llama "
                                 "architecture does not know")
-            W = t.detach().float()
-            if key.endswith("self_attn.q_proj.weight"):
-                W = rotary_permute(W, n_head)
-            elif key.endswith("self_attn.k_proj.weight"):
-                W = rotary_permute(W, n_kv)
-            arr = W.numpy().astype(np.float16 if dtype == "f16" and W.dim() > 1 else np.float32)
-            writer.add_tensor(gname, arr)
+            heads = n_head if key.endswith("self_attn.q_proj.weight") else \
+                n_kv if key.endswith("self_attn.k_proj.weight") else None
+            if blocks and key in blocks:
+                data, qtype = blocks[key]
+                data = torch.from_numpy(data)
+                writer.add_tensor(gname, (rotary_permute(data, heads) if heads else data).numpy(), raw_dtype=qtype)
+            else:
+                W = t.detach().float()
+                W = rotary_permute(W, heads) if heads else W
+                kind = embeddings if gname in ("token_embd.weight", "output.weight") and embeddings else dtype
+                if W.dim() > 1 and kind == "q8_0":
+                    q8 = gguf.GGMLQuantizationType.Q8_0
+                    writer.add_tensor(gname, gguf.quants.quantize(W.numpy(), q8), raw_dtype=q8)
+                else:
+                    writer.add_tensor(gname, W.numpy().astype(np.float16 if kind == "f16" and W.dim() > 1
+                                                              else np.float32))
             count += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -137,3 +162,95 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", name: str
         if tmp.exists():
             tmp.unlink()
     return {"path": str(path), "architecture": arch, "tensors": count, "bytes": path.stat().st_size}
+
+
+# --- a calq checkpoint as GGUF -----------------------------------------------------------------------------
+
+GGUF_BITS = {4: "Q4_0", 8: "Q8_0"}      # symmetric codes of these widths are llama.cpp block formats as they are
+BLOCK = 32
+
+
+def module_blocks(name: str, ct: dict[str, torch.Tensor], scheme: dict):
+    """(uint8 blocks [OC, IC/32 · type size], GGML type) holding exactly the codes and scales of one CT module,
+    or raise CalqError saying why GGUF cannot hold them. A group of g = k·32 columns becomes k blocks sharing
+    its scale, so GPTQ W4 g128 and per-channel weights convert too."""
+    import gguf
+    from compressed_tensors.compressors.pack_quantized import unpack_from_int32
+
+    OC, IC = ct["weight_shape"].tolist()
+    bits, g = scheme["num_bits"], scheme.get("group_size")
+    g = IC if scheme["strategy"] == "channel" else g
+    why = None
+    if scheme["strategy"] not in ("group", "channel"):
+        why = "per-input-channel groups (layout ic / adadim) have no GGUF block format"
+    elif not scheme["symmetric"]:
+        why = "asymmetric zero points have no exact GGUF block format (Q4_1 stores a float minimum)"
+    elif bits not in GGUF_BITS:
+        why = f"{bits}-bit codes have no GGUF block format of their own (Q4_0 and Q8_0 are 4- and 8-bit)"
+    elif g % BLOCK or IC % BLOCK:
+        why = f"groups of {g} over {IC} inputs do not split into llama.cpp's blocks of {BLOCK}"
+    if why:
+        raise CalqError(f"{name}: {why}", "quantize with scheme: q4_0 or q8_0 (or symmetric 4/8-bit groups of a "
+                        "multiple of 32, layout oc), or keep the compressed-tensors checkpoint")
+    qtype = getattr(gguf.GGMLQuantizationType, GGUF_BITS[bits])
+    codes = unpack_from_int32(ct["weight_packed"], bits, torch.Size([OC, IC])).to(torch.int16)
+    d = ct["weight_scale"].to(torch.float16).repeat_interleave(g // BLOCK, dim=1)          # [OC, IC/32]
+    d_bytes = d.contiguous().view(torch.uint8).reshape(OC, IC // BLOCK, 2)
+    q = codes.reshape(OC, IC // BLOCK, BLOCK)
+    if bits == 4:       # byte j of a block: element j in the low nibble, j + 16 in the high one
+        u = (q + 8).to(torch.uint8)
+        body = u[..., :16] | (u[..., 16:] << 4)
+    else:
+        body = q.to(torch.int8).view(torch.uint8)
+    return torch.cat([d_bytes, body], dim=-1).reshape(OC, -1).numpy(), qtype
+
+
+def export_gguf(src: str | Path, dst: str | Path, overwrite: bool = False, embeddings: str = "q8_0") -> dict:
+    """Write the calq checkpoint src as one llama.cpp GGUF file dst: its quantized Linears as Q4_0/Q8_0 blocks
+    holding its own codes and scales (checked to dequantize to the very weights calq evaluated), the rest f16
+    (norms f32), token embedding and output head as `embeddings`."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from calq.calibration.loading import load_model
+    from calq.export.ct import ct_dequantize
+    from calq.export.peft import ADAPTER_DIR
+    from calq.export.reader import CheckpointReader, _scheme_for
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise CalqError(f"{src} is not a checkpoint folder (no config.json)", "pass the output folder of compress")
+    if dst.suffix.lower() != ".gguf":
+        raise CalqError(f"the GGUF output {dst} should end in .gguf", "name the file, e.g. -o model-q4_0.gguf")
+    if dst.exists() and not overwrite:
+        raise CalqError(f"output {dst} exists", "pass --overwrite or choose another name")
+    if (src / ADAPTER_DIR).is_dir():
+        raise CalqError(f"{src} carries a low-rank adapter ({ADAPTER_DIR}/), which merging would push off the "
+                        "quantization grid", "export the checkpoint of the quantization stage alone, or keep "
+                        "compressed-tensors (PEFT loads the adapter on top)")
+    reader = CheckpointReader(src)
+    q = reader.qconfig or {}
+    if q and q.get("quant_method") != "compressed-tensors":
+        raise CalqError(f"{src} has quant_method {q.get('quant_method')}; GGUF export reads compressed-tensors "
+                        "checkpoints", "GGUF cannot express calq's own formats (PTQ1.61, Quamba)")
+    model, _, _ = load_model(str(src), torch.float32, with_tokenizer=False)
+    modules = dict(model.named_modules())
+    blocks = {}
+    for key in [k for k in reader.files if k.endswith(".weight_packed")]:
+        name = key.removesuffix(".weight_packed")
+        ct = reader._get([f"{name}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape",
+                                                  "weight_zero_point") if f"{name}.{s}" in reader.files])
+        ct = {k.removeprefix(name + "."): v for k, v in ct.items()}
+        scheme = _scheme_for(name, modules[name], q)
+        data, qtype = module_blocks(name, ct, scheme)
+        OC, IC = ct["weight_shape"].tolist()
+        back = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(OC, IC)
+        if not torch.equal(back, ct_dequantize(ct, scheme)):
+            raise CalqError(f"{name}: its GGUF blocks do not dequantize to the checkpoint's weight",
+                            "report this as a calq bug")
+        blocks[f"{name}.weight"] = (data, qtype)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    summary = write_gguf(model, tokenizer, dst, "f16", blocks=blocks, embeddings=embeddings)
+    return {**summary, "quantized_tensors": len(blocks),
+            "types": sorted({gguf.GGMLQuantizationType(t).name for _, t in blocks.values()})}

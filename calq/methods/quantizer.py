@@ -2,7 +2,9 @@
 
 Codes are signed, q in [-2^(b-1), 2^(b-1) - 1]; W_hat = (q - zero) * scale (formats.md §1.3).
 Symmetric: scale = absmax / ((2^b - 1) / 2), zero = 0. Asymmetric: scale = (max - min) / (2^b - 1),
-zero = round(qmin - min / scale), clamped, so 0.0 is always representable.
+zero = round(qmin - min / scale), clamped, so 0.0 is always representable. scale_rule "gguf" takes llama.cpp's
+rules instead, so GGUF blocks hold calq's codes as they are: 4-bit (Q4_0) scale = the group's signed max / -8
+(the largest magnitude lands on -8 exactly; the scale may be negative), 8-bit (Q8_0) scale = absmax / 127.
 Scales are rounded to the checkpoint dtype *before* codes are computed, so dequantization on load
 reproduces calibration-time fake quantization exactly.
 
@@ -30,6 +32,7 @@ class QuantArgs:
     symmetric: bool = True
     layout: str = "oc"
     scale_dtype: torch.dtype = torch.float16
+    scale_rule: str = "range"  # "range" | "gguf" (module docstring)
 
     @property
     def qmin(self) -> int:
@@ -50,9 +53,14 @@ def qparams(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tenso
     x = x.float()
     if args.symmetric:
         absmax = x.abs().amax(-1)
-        scale = absmax / ((2**args.bits - 1) / 2)
-        scale = _round_scale(scale, args)
-        return scale, None
+        if args.scale_rule == "gguf" and args.bits == 4:
+            signed = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+            scale = signed / args.qmin
+        elif args.scale_rule == "gguf":
+            scale = absmax / args.qmax
+        else:
+            scale = absmax / ((2**args.bits - 1) / 2)
+        return _round_scale(scale, args), None
     xmin = x.amin(-1).clamp(max=0.0)
     xmax = x.amax(-1).clamp(min=0.0)
     scale = _round_scale((xmax - xmin) / (2**args.bits - 1), args)
@@ -61,9 +69,9 @@ def qparams(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _round_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    # A zero scale (all-zero group) would divide by zero; any positive value codes it as 0.
+    # A zero scale (all-zero group) would divide by zero; any nonzero value codes it as 0.
     scale = scale.to(args.scale_dtype).float()
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale != 0, scale, torch.ones_like(scale))
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:

@@ -24,7 +24,7 @@ import re
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from calq.methods.base import Adapter, Compressed, Packed, Replaced
 
@@ -81,6 +81,11 @@ class StageConfig(BaseModel):
         return v
 
 
+# GGUF block formats a stage can target: what they fix (export/gguf.py writes the codes as they are)
+SCHEMES = {"q4_0": {"bits": 4, "group_size": 32, "symmetric": True, "layout": "oc"},
+           "q8_0": {"bits": 8, "group_size": 32, "symmetric": True, "layout": "oc"}}
+
+
 class WeightQuantConfig(StageConfig):
     """Integer weight quantization keys shared by RTN and GPTQ (llm-compressor's names)."""
 
@@ -88,6 +93,20 @@ class WeightQuantConfig(StageConfig):
     group_size: int = 128
     symmetric: bool = True
     layout: Literal["oc", "ic", "adadim"] = "oc"   # adadim: per Linear, whichever has the lower unit error
+    # A GGUF block format: sets the keys above and llama.cpp's scale rule (quantizer.py), so that
+    # `calq export --format gguf` writes exactly the codes this stage chose, with no rounding of its own.
+    scheme: Literal["q4_0", "q8_0"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scheme(cls, data):
+        if isinstance(data, dict) and data.get("scheme") in SCHEMES:
+            fixed = SCHEMES[data["scheme"]]
+            for k, v in fixed.items():
+                if k in data and data[k] != v:
+                    raise ValueError(f"scheme {data['scheme']} sets {k}: {v}; leave {k} out")
+            data = {**data, **fixed}
+        return data
 
     @field_validator("group_size")
     @classmethod

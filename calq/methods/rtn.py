@@ -20,7 +20,7 @@ def quant_args(cfg: WeightQuantConfig, scale_dtype: torch.dtype) -> QuantArgs:
     # "adadim" is decided per Linear; until then the layout is the usual one.
     layout = "oc" if cfg.layout == "adadim" else cfg.layout
     return QuantArgs(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, layout=layout,
-                     scale_dtype=scale_dtype)
+                     scale_dtype=scale_dtype, scale_rule="gguf" if cfg.scheme else "range")
 
 
 def resolve_layout(cfg: WeightQuantConfig, W: torch.Tensor, stats: dict) -> tuple[QuantArgs, dict]:

@@ -68,7 +68,9 @@ class Evaluation(_Strict):
 
 
 class Output(_Strict):
-    format: Literal["compressed-tensors"] = "compressed-tensors"
+    # gguf: also write model.gguf for llama.cpp, its Linears as Q4_0/Q8_0 blocks holding the stages' own codes
+    format: Literal["compressed-tensors", "gguf"] = "compressed-tensors"
+    embeddings: Literal["q8_0", "f16", "f32"] = "q8_0"     # gguf only: token embedding and output head
 
 
 class Expect(_Strict):
@@ -85,6 +87,23 @@ class Recipe(_Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
     expect: Expect | None = None
+
+    @model_validator(mode="after")
+    def _gguf_stages(self):
+        """Refuse before any work what a GGUF file cannot hold (export/gguf.py `module_blocks` checks the rest)."""
+        if self.output.format != "gguf":
+            return self
+        for i, st in enumerate(self.stages):
+            why = None
+            if st.method not in ("rtn", "gptq", "prune"):
+                why = f"{st.method} makes what llama.cpp's block formats cannot hold (adapters, calq's own formats)"
+            elif st.method != "prune" and (st.bits not in (4, 8) or not st.symmetric or st.layout != "oc"
+                                           or (st.group_size != -1 and st.group_size % 32)):
+                why = "GGUF holds symmetric 4- or 8-bit codes in groups of a multiple of 32 along inputs (layout oc)"
+            if why:
+                raise _StageError(i, "method" if st.method not in ("rtn", "gptq", "prune") else "scheme",
+                                  f"output.format gguf: {why}; use scheme: q4_0 or q8_0")
+        return self
 
     @model_validator(mode="after")
     def _stage_streams(self):
