@@ -66,9 +66,10 @@ def main():
     ap.add_argument("--windows-512", type=int, default=16)
     ap.add_argument("--work", default="runs/gguf")
     args = ap.parse_args()
+    from llama_cpp_runtime import runtime
+
     from calq.api import evaluate, load_model
     from calq.calibration.data import evaluation_windows, load_text
-    from llama_cpp_runtime import runtime
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
