@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# calq vs llm-compressor: GPTQ W4A16 g128 on the zoo llama with the same calibration windows, then both
-# checkpoints scored by `calq evaluate`. llm-compressor pins its own transformers, so it gets its own venv.
+# calq vs llm-compressor: GPTQ int4 with the same calibration windows, then both checkpoints scored by
+# `calq evaluate`. llm-compressor pins its own transformers, so it gets its own venv.
 #   bash benchmarks/vs_llmcompressor.sh            (needs PyPI access for the venv's first run)
+#   RECIPE=recipes/smollm2-gptq-w4g64.yaml GROUP=64 bash benchmarks/vs_llmcompressor.sh
+#   MODEL=runs/block7b RECIPE=runs/block7b.yaml bash benchmarks/vs_llmcompressor.sh  (benchmarks/block_model.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/vs_llmcompressor}
 VENV=${VENV:-.venv-llmcompressor}
-RECIPE=recipes/gptq-w4g128.yaml
+RECIPE=${RECIPE:-recipes/gptq-w4g128.yaml}
+GROUP=${GROUP:-128}
 EVAL_ARGS=(--dataset stdlib:test --seq-len 512 --max-windows 64 --json)
 [ -f ../shared/data/wikitext-2-raw/wiki.test.raw ] && EVAL_ARGS+=(--dataset ../shared/data/wikitext-2-raw/wiki.test.raw)
 mkdir -p "$WORK"
-MODEL=$(python3 -c "from calq.zoo import zoo_path; print(zoo_path('llama'))")
+MODEL=${MODEL:-$(python3 -c "import sys; from calq.recipe.load import load_recipe; from calq.zoo import resolve_model
+print(resolve_model(load_recipe(sys.argv[1]).model))" "$RECIPE")}
 
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
@@ -21,9 +25,10 @@ fi
 python3 benchmarks/export_calibration.py "$RECIPE" "$WORK/calibration.jsonl"
 /usr/bin/time -f "peak_rss_kb %M elapsed %e" -o "$WORK/llmc.time" \
   "$VENV/bin/python" benchmarks/llmcompressor_gptq.py "$MODEL" "$WORK/calibration.jsonl" "$WORK/llmc" \
+  --group-size "$GROUP" \
   > "$WORK/llmc.log" 2>&1
 /usr/bin/time -f "peak_rss_kb %M elapsed %e" -o "$WORK/calq.time" \
-  calq compress "$RECIPE" --output "$WORK/calq" --no-eval --overwrite > "$WORK/calq.log" 2>&1
+  calq compress "$RECIPE" --model "$MODEL" --output "$WORK/calq" --no-eval --overwrite > "$WORK/calq.log" 2>&1
 
 calq evaluate "$WORK/calq" "${EVAL_ARGS[@]}" > "$WORK/calq.eval.jsonl"
 calq evaluate "$WORK/llmc" "${EVAL_ARGS[@]}" > "$WORK/llmc.eval.jsonl"
