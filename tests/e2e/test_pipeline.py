@@ -105,13 +105,38 @@ def test_mixed_layout_checkpoint_reloads_identically(tmp_path, eval_windows):
 
 
 def test_gptq_per_ic_lowers_layer_error_versus_rtn_per_ic():
-    errs = {}
-    for method in ("rtn", "gptq"):
-        model, tok, dtype = load_model("zoo:llama")
-        res = compress_model(model, tok, _recipe(method, 3, layout="ic"), torch.device("cpu"), dtype)
-        assert {m.record.layout for m in res.modules} == {"ic"}
-        errs[method] = {m.record.name: m.rel_error for m in res.modules}
-    assert all(errs["gptq"][n] < errs["rtn"][n] for n in errs["rtn"]), errs
+    """Block 0 sees the same calibration inputs either way; RTN is data-free (no error of its own in the report),
+    so its error is measured here against the Hessian of those inputs."""
+    from calq.calibration.data import calibration_windows, load_text
+    from calq.methods.gptq import accumulate_hessian
+    from calq.methods.quantizer import QuantArgs, quantize_rtn
+
+    model, tok, dtype = load_model("zoo:llama")
+    res = compress_model(model, tok, _recipe("gptq", 3, layout="ic"), torch.device("cpu"), dtype)
+    assert {m.record.layout for m in res.modules} == {"ic"}
+    gptq = {m.record.name: m.rel_error for m in res.modules if ".layers.0." in m.record.name}
+    dense, _, _ = load_model("zoo:llama")
+    H = {}
+
+    def hook(name):
+        def fn(_mod, args):
+            H[name] = accumulate_hessian(*H.get(name, (None, 0))[:1], args[0].reshape(-1, args[0].shape[-1]),
+                                         H.get(name, (None, 0))[1])
+        return fn
+
+    hooks = [dense.get_submodule(n).register_forward_pre_hook(hook(n)) for n in gptq]
+    ids = calibration_windows(load_text(CALIB["dataset"]), tok, CALIB["num_samples"], CALIB["seq_len"], CALIB["seed"])
+    with torch.no_grad():
+        for batch in ids.split(8):
+            dense(batch)
+    for h in hooks:
+        h.remove()
+    for n, err in gptq.items():
+        W = dense.get_submodule(n).weight.float()
+        dW = W - quantize_rtn(W, QuantArgs(bits=3, group_size=128, layout="ic", scale_dtype=dtype))[3]
+        Hn = H[n][0]
+        rtn = (((dW @ Hn) * dW).sum() / ((W @ Hn) * W).sum()).sqrt().item()
+        assert err < rtn, (n, err, rtn)
 
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
