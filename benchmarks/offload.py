@@ -20,12 +20,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from calq import api
 from calq.recipe.schema import validate_recipe
 
 def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024       # KiB on Linux
+    from calq.eval.report import peak_rss_bytes     # VmHWM: ru_maxrss carries the parent's RSS across exec
+    return peak_rss_bytes()
 
 recipe, out, mode, evaluate = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 imports = rss()

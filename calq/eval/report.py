@@ -92,8 +92,16 @@ def versions() -> dict:
 
 
 def peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux, bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak resident memory. On Linux VmHWM: ru_maxrss also carries the RSS the parent had when
+    it forked this process (kept across exec), so under a large parent (a test runner, a notebook) it lies."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # KiB on Linux, bytes on macOS
     return rss if sys.platform == "darwin" else rss * 1024
 
 

