@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 from calq.errors import CalqError
 from calq.export.ct import _unpack_zero, ct_dequantize
 from calq.export.reader import INDEX, _scheme_for, dense_config
-from calq.export.writer import publish
+from calq.export.staging import staged
 
 _CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 _MODEL_FILES = ("config.json", "quantize_config.json", INDEX)
@@ -106,8 +105,6 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise CalqError(f"{src} is not a checkpoint folder (no config.json)", "pass the output folder of compress")
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise CalqError(f"output {dst} exists and is not empty", "pass --overwrite or choose another folder")
     config, qconfig = dense_config(src)
     if not qconfig or qconfig.get("quant_method") != "compressed-tensors":
         method = (qconfig or {}).get("quant_method", "none (a dense model)")
@@ -115,9 +112,7 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
                         "GPTQ cannot express calq's own formats (PTQ1.61, Quamba); keep the calq checkpoint")
     modules = dict(empty_model(config, torch.float16).named_modules())
     files = sorted(src.glob("*.safetensors"))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with staged(dst, overwrite) as tmp:
         uniform: dict = {}
         weight_map = {}
         for f in files:
@@ -159,10 +154,6 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
         for p in src.iterdir():       # tokenizer, recipe, report, adapter/: everything but the weights
             if p.suffix != ".safetensors" and p.name not in _MODEL_FILES:
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
-        publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return gcfg
 
 

@@ -28,7 +28,7 @@ from calq.methods.registry import StageConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _check_spec(v: str) -> str:
@@ -43,7 +43,7 @@ class Calibration(_Strict):
     dataset: str = "stdlib:train"
     num_samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)    # torch's generator takes 64 bits; Random(-s) would equal Random(s)
     batch_size: int = Field(8, ge=1)
     # What the next block is fed: the compressed blocks' outputs (GPTQ) or the full-precision ones
     # (AdaDim's and AWQ's reference code).
@@ -104,7 +104,7 @@ class Recipe(_Strict):
                 raise _StageError(i, "method", "each stage needs a `method:` key "
                                   f"(one of {', '.join(sorted(METHODS))})")
             method = stage["method"]
-            if method not in METHODS:
+            if not isinstance(method, str) or method not in METHODS:
                 raise _StageError(i, "method", f"unknown method {method!r}; "
                                   f"available: {', '.join(sorted(METHODS))}")
             try:
