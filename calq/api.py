@@ -169,9 +169,13 @@ def _load_disk(ref: str, dtype: torch.dtype | None = None, with_tokenizer: bool 
     model = empty_model(config, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     keys = set(model.state_dict()) - {tied_output_key(model)}
     if keys != set(reader.files) and reader.qconfig is None:    # a calq checkpoint stores packed names
-        odd = sorted(keys ^ set(reader.files))[:3]
+        missing, extra = sorted(keys - set(reader.files)), sorted(set(reader.files) - keys)
+        if not extra:
+            raise ModelError(f"{ref} lacks {len(missing)} weights the architecture needs, e.g. "
+                             f"{', '.join(missing[:3])}", "the model files are incomplete; download the model again")
         raise ModelError(f"disk offload needs the checkpoint's tensor names to be the model's; {ref} differs "
-                         f"({', '.join(odd)})", "use --offload cpu (transformers renames them while loading)")
+                         f"({', '.join((missing + extra)[:3])})",
+                         "use --offload cpu (transformers renames them while loading)")
     disk = DiskBlocks(model, reader.read_into)
     disk.load_rest()
     tokenizer = load_tokenizer(path, ref) if with_tokenizer else None

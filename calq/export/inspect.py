@@ -72,6 +72,10 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
                          "shape": [oc, ic], "bytes": nbytes, "bits_per_weight": 8 * nbytes / (oc * ic),
                          "note": f"GPTQ layout ({fmt})"})
         return rows
+    packed = {k.removesuffix(".weight_packed") for k in sizes if k.endswith(".weight_packed")}
+    lost = sorted(f"{n}.{t}" for n in packed for t in ("weight_scale", "weight_shape") if f"{n}.{t}" not in sizes)
+    if lost:
+        raise ModelError(f"{path}: {lost[0]} is missing from the weights", DAMAGED)
     for name in sorted(shapes):
         _, g = _group_of(name, qcfg["config_groups"])
         w = g["weights"]

@@ -204,10 +204,12 @@ def check_ct_tensors(name: str, t: dict[str, torch.Tensor], scheme: dict, shape:
         strategy, g = scheme.get("strategy"), scheme.get("group_size")
         scale = {"group": (OC, IC // g) if isinstance(g, int) and g > 0 and IC % g == 0 else None,
                  "channel": (OC, 1)}.get(strategy, tuple(t["weight_scale"].shape))
-        if tuple(t["weight_scale"].shape) != scale or (not scheme.get("symmetric") and "weight_zero_point" not in t):
-            lost = ["weight_scale" if tuple(t["weight_scale"].shape) != scale else "weight_zero_point"]
+        if tuple(t["weight_scale"].shape) != scale or not torch.isfinite(t["weight_scale"]).all():
+            lost = ["weight_scale"]
+        elif not scheme.get("symmetric") and "weight_zero_point" not in t:
+            lost = ["weight_zero_point"]
     if lost:
-        raise ModelError(f"{name}.{lost[0]} is missing or does not fit a {OC}x{IC} Linear with "
+        raise ModelError(f"{name}.{lost[0]} is missing, not finite, or does not fit a {OC}x{IC} Linear with "
                          f"{scheme.get('num_bits')}-bit {scheme.get('strategy')} weights", DAMAGED)
 
 
