@@ -289,6 +289,10 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         store_dtype = next(model_.parameters()).dtype
         source = source_info(recipe.model)
         _check_stages(recipe, model_)
+        if not all(METHODS[st.method](st).data_free for st in recipe.stages):
+            _check_positions(model_, recipe.calibration.seq_len, "calibration.seq_len")
+        if evaluate:
+            _check_positions(model_, recipe.evaluation.seq_len, "evaluation.seq_len")
         _check_activation_memory(recipe, model_, compute_dtype(dev, store_dtype))
         timings["load"] = time.time() - t
 
@@ -473,10 +477,7 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
         ref_model = load_model(reference, with_tokenizer=False, notify=_notify(emit), allow_pickle=allow_pickle)[0]
         ref_model.to(dev)
     source = source_info(target)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and seq_len > max_pos:
-        raise CalqError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {max_pos}",
-                        f"use --seq-len {max_pos} or less")
+    _check_positions(model, seq_len, "--seq-len")
     results = []
     for spec in datasets:
         w = evaluation_windows(load_text(spec, "evaluation"), tokenizer, seq_len, max_windows)
@@ -501,6 +502,13 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
             row["reference"] = reference
         results.append(row)
     return results
+
+
+def _check_positions(model, seq_len: int, what: str) -> None:
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise CalqError(f"{what} {seq_len} is longer than the model's max_position_embeddings {max_pos}",
+                        f"use {what} {max_pos} or less")
 
 
 def _check_flags(section, **flags) -> None:

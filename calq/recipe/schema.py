@@ -56,7 +56,7 @@ class Calibration(_Strict):
 
 
 class Evaluation(_Strict):
-    datasets: list[str] = Field(default_factory=lambda: ["stdlib:test"])
+    datasets: list[str] = Field(default_factory=lambda: ["stdlib:test"], min_length=1)   # none: use --no-eval
     seq_len: int = Field(512, ge=8)
     max_windows: int | None = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -79,7 +79,7 @@ class Expect(_Strict):
 
 
 class Recipe(_Strict):
-    model: str = "zoo:llama"
+    model: str = Field("zoo:llama", min_length=1)
     calibration: Calibration = Field(default_factory=Calibration)
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1)
     evaluation: Evaluation = Field(default_factory=Evaluation)
