@@ -13,8 +13,7 @@ import torch
 from calq.calibration.gguf import gguf_info, is_gguf, load_dtype, load_gguf
 from calq.errors import ModelError
 from calq.export.peft import ADAPTER_DIR
-from calq.export.reader import INDEX
-from calq.files import check_finite, open_safetensors, read_json
+from calq.files import check_finite, read_json
 from calq.zoo import resolve_model
 
 MODEL_HELP = "give a local model directory, a .gguf file, zoo:NAME (calq zoo list), or a hub id while online"
@@ -45,19 +44,16 @@ PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def check_folder(path: Path, allow_pickle: bool = False) -> dict:
-    """Before transformers reads a local model folder: its config.json parses, its quantization_config (if any)
-    is one calq reads, it has safetensors weights (pickles only with allow_pickle) and every one of their
-    headers is sound. Returns the config as a dict."""
-    from calq.export.qconfig import check_quantization_config
+    """Before transformers reads a local model folder: its config.json parses and names a causal LM, it has
+    safetensors weights (pickles only with allow_pickle), and `CheckpointReader` accepts its quantization_config
+    (if any), its index and every safetensors header. Returns the config as a dict."""
+    from calq.export.reader import CheckpointReader
 
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a model folder (no config.json)", MODEL_HELP)
     config = read_json(path / "config.json")
-    if config.get("quantization_config") is not None:
-        check_quantization_config(config["quantization_config"], path / "config.json")
     check_causal_lm(config, path)
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not any(path.glob("*.safetensors")):
         pickles = sorted(p.name for pattern in PICKLES for p in path.glob(pattern))
         if not pickles:
             raise ModelError(f"{path} holds no weights (no *.safetensors file)", MODEL_HELP)
@@ -66,17 +62,8 @@ def check_folder(path: Path, allow_pickle: bool = False) -> dict:
                              "convert them once in a trusted environment: python -c \"from transformers import "
                              f"AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}-st')\" "
                              "(or pass --allow-pickle: torch's weights_only loader)")
-    index = path / INDEX
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ModelError(f"{index} has no weight_map", "the index is damaged; download the model again")
-        weights = sorted({path / str(f) for f in weight_map.values()})
-    for f in weights:
-        if not f.is_file():
-            raise ModelError(f"{f.name} is listed in {index} but missing", "download the model again")
-        with open_safetensors(f):
-            pass
+        return config
+    CheckpointReader(path)          # quantization_config, the index, and every safetensors header
     return config
 
 
@@ -139,7 +126,10 @@ def load_model(ref: str, dtype: torch.dtype | None = torch.float32, with_tokeniz
                 output_loading_info=True, ignore_mismatched_sizes=True)
             _check_loaded(info, ref)
         orig = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float16
-    except (OSError, ValueError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError:
+        raise ModelError(f"{ref}: its pickle holds more than tensors, so torch's weights_only loader refused it "
+                         "(nothing in it was run)", "get the model as safetensors from a source you trust") from None
+    except (OSError, ValueError) as e:
         # transformers' messages for unreachable hubs, unknown architectures and refused pickles
         raise ModelError(f"could not load model {ref}: {_first_line(e)}", MODEL_HELP) from None
     tokenizer = load_tokenizer(path, ref) if with_tokenizer else None

@@ -73,6 +73,8 @@ class CheckpointReader:
                 raise ModelError(f"{self.path} has no model.safetensors", "give a folder of safetensors weights")
         present: dict[str, str] = {}
         for name in sorted(shards):     # every header read once: a bad file is refused before any work
+            if not (self.path / name).is_file():
+                raise ModelError(f"{name} is listed in {index} but missing", "download or write the model again")
             with open_safetensors(self.path / name) as st:
                 present.update(dict.fromkeys(st.keys(), name))
         if index.exists():
