@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from calq.calibration import offload as offload_lib
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
 from calq.calibration.engine import ModuleResult, PrepareContext, run_blocks, stage_targets
-from calq.calibration.loading import is_calq_checkpoint, load_model, quiet_transformers, source_info
+from calq.calibration.loading import (
+    check_causal_lm,
+    is_calq_checkpoint,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    source_info,
+)
 from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_window_losses
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
 from calq.eval import memory
@@ -32,8 +38,9 @@ from calq.eval.report import (
 from calq.export.peft import ADAPTER_DIR, write_adapter
 from calq.methods import METHODS
 from calq.methods.base import Packed
+from calq.methods.registry import order_problem
 from calq.recipe.load import dump_recipe, load_recipe, merge_overrides
-from calq.recipe.schema import Recipe, validate_recipe
+from calq.recipe.schema import Evaluation, Recipe, validate_recipe
 from calq.zoo import resolve_model
 
 Progress = Callable[[dict], None]
@@ -48,41 +55,54 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise CalqError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CalqError(f"device {device} requested but CUDA is not available", "use --device cpu")
+    backends = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}
+    if dev.type == "cpu":
+        return dev
+    if dev.type not in backends:          # meta holds no data; the rest have no calq support
+        raise CalqError(f"device {device!r} cannot run calq", "use auto, cpu, cuda or cuda:N")
+    backend = backends[dev.type]
+    if backend is None or not backend.is_available():
+        raise CalqError(f"device {device} requested but {dev.type.upper()} is not available", "use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise CalqError(f"device {device} requested but this machine has {count} {dev.type} device(s)",
+                        f"use {dev.type}:0 to {dev.type}:{count - 1}")
     return dev
 
 
 def _check_stages(recipe: Recipe, model) -> None:
-    """Checks that need the model: each stage matches something, and group sizes divide."""
+    """Checks that need the model: each stage matches something, group sizes divide, and the stages acting on
+    each Linear come in an order the checkpoint can hold."""
     prefix, blocks = find_blocks(model)
     linears = {}
     for i, block in enumerate(blocks):
         linears.update(find_linears(block, f"{prefix}.{i}"))
-    for i, stage in enumerate(recipe.stages):
+    acting: dict[str, list[int]] = {}       # Linear -> the stages that act on it, in order
+    methods = [METHODS[stage.method](stage) for stage in recipe.stages]
+    for i, (stage, method) in enumerate(zip(recipe.stages, methods, strict=True)):
         targets = stage_targets(linears, stage)
         if not targets:
             raise RecipeError(f"stages[{i}].targets: no module inside {prefix} matches {stage.targets} "
                               f"(ignore {stage.ignore})", "check targets and ignore")
-        method = METHODS[stage.method](stage)
         for name, mod in targets.items():
+            acting.setdefault(name, []).append(i)
             problem = method.check_shape(tuple(mod.weight.shape))
             if problem:
                 key, msg = problem
                 raise RecipeError(f"stages[{i}].{key}: {msg} of {name}",
                                   "pick a value that divides it (group_size -1 means one group per channel)")
+    for name, idx in acting.items():
+        problem = order_problem([methods[i] for i in idx])
+        if problem:
+            k, msg, fix = problem
+            raise RecipeError(f"stages[{idx[k]}]: {msg} (on {name})", fix)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise CalqError(f"output directory {output} exists and is not empty", "pass --overwrite or pick another")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
 
 
 def _eval_all(score: Callable[[torch.Tensor, int], float], tokenizer, recipe: Recipe,
-              windows_cache: dict) -> dict[str, tuple[int, float]]:
-    """score(windows, batch_size) -> perplexity, on each evaluation dataset."""
+              windows_cache: dict, what: str) -> dict[str, tuple[int, float]]:
+    """score(windows, batch_size) -> perplexity, on each evaluation dataset; `what` is scored (for errors)."""
     ev = recipe.evaluation
     out = {}
     for spec in ev.datasets:
@@ -90,32 +110,43 @@ def _eval_all(score: Callable[[torch.Tensor, int], float], tokenizer, recipe: Re
             windows_cache[spec] = evaluation_windows(load_text(spec, "evaluation"), tokenizer, ev.seq_len,
                                                      ev.max_windows)
         w = windows_cache[spec]
-        out[spec] = (w.shape[0], score(w, ev.batch_size))
+        out[spec] = (w.shape[0], _finite(score(w, ev.batch_size), what, spec))
     return out
+
+
+def _finite(ppl: float, what: str, spec: str) -> float:
+    """A perplexity that JSON and ratios can hold; inf or NaN means the model's outputs overflowed."""
+    if not math.isfinite(ppl):
+        raise ModelError(f"{what} scores a non-finite perplexity ({ppl}) on {spec}: its logits overflow",
+                         "score it in fp32 (--device cpu); if that fails too, the model itself is broken")
+    return ppl
 
 
 def _load_disk(ref: str, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
     """(meta-device model with all but its blocks read, its DiskBlocks, tokenizer or None) for disk offload.
 
     dtype None keeps the checkpoint's own, as load_model(dtype=None) does."""
-    from transformers import AutoTokenizer
-
     from calq.export.reader import CheckpointReader, dense_config, tied_output_key
 
     quiet_transformers()
     path = Path(resolve_model(ref))
     config, _ = dense_config(path)
+    check_causal_lm(config.to_dict(), ref)
     reader = CheckpointReader(path)
     dtype = dtype or getattr(config, "dtype", None) or reader.first_dtype()
     model = empty_model(config, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     keys = set(model.state_dict()) - {tied_output_key(model)}
     if keys != set(reader.files) and reader.qconfig is None:    # a calq checkpoint stores packed names
-        odd = sorted(keys ^ set(reader.files))[:3]
+        missing, extra = sorted(keys - set(reader.files)), sorted(set(reader.files) - keys)
+        if not extra:
+            raise ModelError(f"{ref} lacks {len(missing)} weights the architecture needs, e.g. "
+                             f"{', '.join(missing[:3])}", "the model files are incomplete; download the model again")
         raise ModelError(f"disk offload needs the checkpoint's tensor names to be the model's; {ref} differs "
-                         f"({', '.join(odd)})", "use --offload cpu (transformers renames them while loading)")
+                         f"({', '.join((missing + extra)[:3])})",
+                         "use --offload cpu (transformers renames them while loading)")
     disk = DiskBlocks(model, reader.read_into)
     disk.load_rest()
-    tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    tokenizer = load_tokenizer(path, ref) if with_tokenizer else None
     return model, disk, tokenizer
 
 
@@ -181,15 +212,17 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
 def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | None = None,
              device: str = "auto", seed: int | None = None, num_samples: int | None = None,
              seq_len: int | None = None, evaluate: bool = True, overwrite: bool = False,
-             progress: Progress | None = None, offload: str = "auto") -> Report:
+             progress: Progress | None = None, offload: str = "auto", allow_pickle: bool = False) -> Report:
     """Run a recipe: calibrate, compress block by block, write the checkpoint and report to `output`.
 
     offload: where weights rest. "cpu" holds the model in RAM; "disk" reads one block at a time from the
     model's safetensors files and writes each compressed block as its own shard (RAM holds one block);
     "auto" picks disk when the weights exceed half of the available RAM. The checkpoint is the same.
+    allow_pickle: read a model folder that has only `pytorch_model.bin` (transformers' weights_only loader).
     """
     from calq.export.reader import load_checkpoint
-    from calq.export.writer import ShardedWriter, publish, write_checkpoint
+    from calq.export.staging import check_output, staged
+    from calq.export.writer import ShardedWriter, write_checkpoint
 
     t0 = time.time()
     overrides = {"model": model, "calibration": {"seed": seed, "num_samples": num_samples, "seq_len": seq_len}}
@@ -197,26 +230,37 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         recipe = validate_recipe(merge_overrides(recipe.model_dump(mode="json"), overrides))
     else:
         recipe = load_recipe(recipe, overrides)
+    if not evaluate and recipe.expect is not None and recipe.expect.max_ppl_ratio is not None:
+        # a CI gate must not pass by skipping its check
+        raise RecipeError("expect.max_ppl_ratio needs the evaluation that --no-eval skips",
+                          "drop --no-eval, or remove max_ppl_ratio from the recipe's expect:")
     output = Path(output)
     dev = resolve_device(device)
     emit = progress or (lambda e: None)
-    mode = choose_offload(offload, resolve_model(recipe.model, _notify(emit)))
-    if mode == "disk" and is_calq_checkpoint(Path(resolve_model(recipe.model))):
+    model_path = Path(resolve_model(recipe.model, _notify(emit)))
+    check_output(output, overwrite)
+    if model_path.exists() and output.resolve() == model_path.resolve():
+        raise CalqError(f"--output {output} is the model folder the recipe reads", "write to another folder")
+    mode = choose_offload(offload, model_path)
+    if mode == "disk" and is_calq_checkpoint(model_path):
         if offload == "disk":
             raise ModelError(f"{recipe.model} is a calq checkpoint; disk offload reads dense models",
                              "use --offload cpu")
         mode = "cpu"
-    tmp = _prepare_output(output, overwrite)
-    try:
+    with staged(output, overwrite) as tmp:
         timings: dict = {}
         t = time.time()
         if mode == "disk":
             model_, disk, tokenizer = _load_disk(recipe.model)
         else:
-            model_, tokenizer, _ = load_model(recipe.model, dtype=None)
+            model_, tokenizer, _ = load_model(recipe.model, dtype=None, allow_pickle=allow_pickle)
         store_dtype = next(p for p in model_.parameters() if not p.is_meta).dtype
         source = source_info(recipe.model)
         _check_stages(recipe, model_)
+        if not all(METHODS[st.method](st).data_free for st in recipe.stages):
+            _check_positions(model_, recipe.calibration.seq_len, "calibration.seq_len")
+        if evaluate:
+            _check_positions(model_, recipe.evaluation.seq_len, "evaluation.seq_len")
         predicted = memory.plan(recipe, model_, compute_dtype(dev, store_dtype), evaluate)
         memory.check(predicted, offload_lib.available_ram())
         timings["load"] = time.time() - t
@@ -229,10 +273,10 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             emit({"event": "phase", "name": "dense evaluation"})
             if mode == "disk":
                 baseline = _eval_all(_streamed_ppl(disk, dev, compute_dtype(dev, store_dtype)), tokenizer, recipe,
-                                     windows_cache)
+                                     windows_cache, f"the dense model {recipe.model}")
             else:
                 baseline = _eval_all(_in_ram_ppl(model_.to(dev, compute_dtype(dev, store_dtype)), dev), tokenizer,
-                                     recipe, windows_cache)
+                                     recipe, windows_cache, f"the dense model {recipe.model}")
                 model_.to("cpu", store_dtype)
             timings["baseline_evaluation"] = time.time() - t
             peaks["dense_evaluation"] = peak_rss_bytes()
@@ -279,11 +323,13 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             if mode == "disk":
                 # fp32 as load_checkpoint reads it; streamed block by block like the dense baseline
                 _, disk, _ = _load_disk(str(tmp), torch.float32, with_tokenizer=False)
-                after = _eval_all(_streamed_ppl(disk, dev, torch.float32), tokenizer, recipe, windows_cache)
+                after = _eval_all(_streamed_ppl(disk, dev, torch.float32), tokenizer, recipe, windows_cache,
+                                  "the compressed checkpoint")
                 del disk
             else:
                 reloaded = load_checkpoint(tmp, dtype=torch.float32).to(dev)
-                after = _eval_all(_in_ram_ppl(reloaded, dev), tokenizer, recipe, windows_cache)
+                after = _eval_all(_in_ram_ppl(reloaded, dev), tokenizer, recipe, windows_cache,
+                                  "the compressed checkpoint")
                 del reloaded
             evals = [EvalResult(dataset=s, seq_len=recipe.evaluation.seq_len, windows=n, ppl=p,
                                 baseline_ppl=baseline[s][1]) for s, (n, p) in after.items()]
@@ -330,10 +376,6 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                for m in result.replaced])
         report.expect = _check_expect(recipe, report)
         write_report(report, tmp)
-        publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     failed = [k for k, v in (report.expect or {}).items() if not v["ok"]]
     if failed:
         detail = "; ".join(f"{k} = {report.expect[k]['value']:.4f} > {report.expect[k]['bound']}" for k in failed)
@@ -382,7 +424,7 @@ def _check_expect(recipe: Recipe, report: Report) -> dict | None:
 
 def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048, max_windows: int | None = None,
              device: str = "auto", batch_size: int = 8, progress: Progress | None = None,
-             offload: str = "auto", reference: str | None = None) -> list[dict]:
+             offload: str = "auto", reference: str | None = None, allow_pickle: bool = False) -> list[dict]:
     """Perplexity of a dense model (dir, hub id, zoo:NAME) or a calq checkpoint read back from disk.
 
     offload "disk" reads one block at a time from the safetensors files (as `compress --offload disk`), so a model
@@ -393,6 +435,7 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
     datasets = datasets or ["stdlib:test"]
     for spec in datasets:   # cheap checks before the model loads
         parse_dataset_spec(spec)
+    _check_flags(Evaluation, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
     dev = resolve_device(device)
     emit = progress or (lambda e: None)
     mode = choose_offload(offload, resolve_model(target, _notify(emit)))
@@ -405,16 +448,15 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
         model, disk, tokenizer = _load_disk(target, torch.float32)
         score = _streamed_ppl(disk, dev, torch.float32)
     else:
-        model, tokenizer, _ = load_model(target)
+        model, tokenizer, _ = load_model(target, allow_pickle=allow_pickle)
         model.to(dev)
         disk = None
-    ref_model = load_model(reference, with_tokenizer=False, notify=_notify(emit))[0].to(dev) \
-        if reference is not None else None
+    ref_model = None
+    if reference is not None:
+        ref_model = load_model(reference, with_tokenizer=False, notify=_notify(emit), allow_pickle=allow_pickle)[0]
+        ref_model.to(dev)
     source = source_info(target)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and seq_len > max_pos:
-        raise CalqError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {max_pos}",
-                        f"use --seq-len {max_pos} or less")
+    _check_positions(model, seq_len, "--seq-len")
     results = []
     for spec in datasets:
         w = evaluation_windows(load_text(spec, "evaluation"), tokenizer, seq_len, max_windows)
@@ -426,6 +468,7 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
             cb = (lambda d, n, s=spec: progress({"event": "eval", "dataset": s, "done": d, "total": n})) \
                 if progress else None
             ppl = perplexity(model, w, batch_size=batch_size, device=dev, on_batch=cb)
+        ppl = _finite(ppl, target, spec)
         row = {"target": target, "dataset": spec, "seq_len": seq_len, "windows": int(w.shape[0]), "ppl": ppl,
                "offload": mode, "source_format": source["format"]}
         if source["format"] == "gguf":
@@ -440,9 +483,27 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
     return results
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32):
+def _check_positions(model, seq_len: int, what: str) -> None:
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise CalqError(f"{what} {seq_len} is longer than the model's max_position_embeddings {max_pos}",
+                        f"use {what} {max_pos} or less")
+
+
+def _check_flags(section, **flags) -> None:
+    """Numbers given on the command line, held to the bounds of the recipe section they stand for."""
+    try:
+        section(**flags)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = str(err["loc"][0])
+        raise CalqError(f"--{flag.replace('_', '-')} {flags[flag]}: {err['msg']}",
+                        "see the command's --help") from None
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
     """A calq checkpoint (or any dense HF folder / zoo name) as a ready transformers model on CPU."""
-    return load_model(str(path), dtype, with_tokenizer=False)[0]
+    return load_model(str(path), dtype, with_tokenizer=False, allow_pickle=allow_pickle)[0]
 
 
 def inspect(path: str | Path) -> list[dict]:

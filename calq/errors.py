@@ -7,9 +7,10 @@ class CalqError(Exception):
     exit_code = 2
 
     def __init__(self, problem: str, fix: str = ""):
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}" + (f" — {fix}" if fix else ""))
+        # One line whatever the message quotes (a library's multi-line text, a file's contents).
+        self.problem = " ".join(str(problem).split())
+        self.fix = " ".join(str(fix).split())
+        super().__init__(self.problem + (f" — {self.fix}" if self.fix else ""))
 
 
 class RecipeError(CalqError):

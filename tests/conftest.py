@@ -35,8 +35,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-@pytest.fixture
-def tiny_llama_dir(tmp_path, tokenizer) -> Path:
+def save_tiny_llama(path: Path, tokenizer) -> Path:
     """A randomly initialised 2-block Llama saved as a local model folder (fp16, the zoo tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,7 +44,17 @@ def tiny_llama_dir(tmp_path, tokenizer) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).half()
-    path = tmp_path / "tiny-llama"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tokenizer) -> Path:
+    return save_tiny_llama(tmp_path / "tiny-llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_llama(tmp_path_factory, tokenizer) -> Path:
+    """The same model built once per session, for tests that only read it."""
+    return save_tiny_llama(tmp_path_factory.mktemp("shared") / "tiny-llama", tokenizer)

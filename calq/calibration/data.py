@@ -87,18 +87,30 @@ def load_text(spec: str | DatasetSpec, role: str = "evaluation") -> str:
 
 def _read_file(path: Path) -> str:
     if path.suffix in TEXT_SUFFIXES:
-        return path.read_text(encoding="utf-8", errors="replace")
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise DatasetError(f"cannot read {path}: {e.strerror or e}", "check the path and its permissions") from None
     import datasets
 
+    datasets.disable_progress_bars()        # calq draws its own; a bar here would be a second line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)     # its parse errors: reported below, once
     kind = "parquet" if path.suffix == ".parquet" else "json"
     try:
         rows = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as e:  # datasets raises many types for a malformed file
-        raise DatasetError(f"could not read {path}: {e}", "check that the file is valid " + kind) from e
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for a malformed file
+        cause = e.__cause__ or e            # datasets wraps the parser's error in a generic one
+        detail = " ".join(str(cause).split())[:200] or type(cause).__name__
+        raise DatasetError(f"could not read {path} ({detail})", "check that the file is valid " + kind) from None
     if "text" not in rows.column_names:
         raise DatasetError(f"{path} has no `text` field (columns: {', '.join(rows.column_names)})",
                            "give each row a `text` field")
-    return "\n\n".join(t for t in rows["text"] if t)
+    texts = rows["text"]
+    bad = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise DatasetError(f"{path}: row {bad + 1}'s `text` is a {type(texts[bad]).__name__}, not a string",
+                           "give each row a `text` string")
+    return "\n\n".join(t for t in texts if t)
 
 
 def _read_hub(ds: DatasetSpec, role: str) -> str:

@@ -3,16 +3,70 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from calq import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs (a half-written output folder is removed)."""
+
+
+def _error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+@contextmanager
+def _one_line_errors():
+    """Usage errors (a flag's bad value, an unknown option), Ctrl-C and SIGTERM end in one line, like any error."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:          # not the main thread: leave signals alone
+        previous = None
+    try:
+        yield
+    except Terminated:
+        _error("terminated (SIGTERM); no partial output is left behind")
+        raise typer.Exit(143) from None
+    except KeyboardInterrupt:
+        _error("interrupted; no partial output is left behind")
+        raise typer.Exit(130) from None
+    except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" — see `{ctx.command_path} --help`" if ctx is not None else ""
+        _error(" ".join(e.format_message().split()) + hint)
+        raise typer.Exit(e.exit_code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Group(TyperGroup):
+    def make_context(self, *args, **kwargs):
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Calibration-driven post-training compression of language models.")
 recipes_app = typer.Typer(no_args_is_help=True, help="Bundled recipes: list, show, validate.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Bundled demo models.")
@@ -45,16 +99,20 @@ def _run(fn, *args, **kwargs):
     except CalqError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(e.exit_code) from None
     except Exception as e:
         # MemoryError on the host; torch.OutOfMemoryError (a RuntimeError) on an accelerator.
         if _state["debug"] or not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"):
             raise
         where = "host memory" if isinstance(e, MemoryError) else "accelerator memory"
-        err_console.print(f"[bold red]error:[/] out of {where} — use fewer --num-samples, a smaller --seq-len, "
-                          "a smaller calibration batch_size, or --device cpu", soft_wrap=True)
+        _error(f"out of {where} — use fewer --num-samples, a smaller --seq-len, a smaller calibration batch_size, "
+               "or --device cpu")
         raise typer.Exit(2) from None
+
+
+ALLOW_PICKLE_HELP = ("Read a model folder that has only pytorch_model.bin (a pickle), through torch's "
+                     "weights_only loader. Without it calq reads safetensors only.")
 
 
 @app.command()
@@ -66,7 +124,8 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
              seq_len: int | None = typer.Option(None), no_eval: bool = typer.Option(False, "--no-eval"),
              overwrite: bool = typer.Option(False, "--overwrite"),
              offload: str = typer.Option("auto", help="Where weights rest: cpu (RAM), disk (read and written one "
-                                         "block at a time), or auto (disk when they exceed half the free RAM).")):
+                                         "block at a time), or auto (disk when they exceed half the free RAM)."),
+             allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)):
     """Compress a model with a recipe; write a safetensors checkpoint and report.json/report.md."""
     from calq import api
     from calq.cli.render import EventProgress, report_table
@@ -74,7 +133,7 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
     with EventProgress(console) as progress:
         report = _run(api.compress, recipe, output, model=model, device=device, seed=seed,
                       num_samples=num_samples, seq_len=seq_len, evaluate=not no_eval, overwrite=overwrite,
-                      progress=progress.update, offload=offload)
+                      progress=progress.update, offload=offload, allow_pickle=allow_pickle)
     console.print(report_table(report))
     console.print(f"wrote [bold]{output}[/] (report.md, report.json)")
 
@@ -89,17 +148,19 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
                                          "half the available RAM."),
              reference: str | None = typer.Option(None, help="Also report KL(reference ‖ model) per token, e.g. "
                                                    "against the dense model the checkpoint came from."),
-             as_json: bool = typer.Option(False, "--json", help="One JSON object per dataset.")):
+             as_json: bool = typer.Option(False, "--json", help="One JSON object per dataset."),
+             allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)):
     """Perplexity (GPTQ protocol: non-overlapping windows) of a model read back from disk."""
     from calq import api
     from calq.cli.render import EventProgress
 
     with EventProgress(err_console, transient=True) as progress:
         results = _run(api.evaluate, target, dataset, seq_len=seq_len, max_windows=max_windows, device=device,
-                       batch_size=batch_size, offload=offload, reference=reference, progress=progress.update)
+                       batch_size=batch_size, offload=offload, reference=reference, progress=progress.update,
+                       allow_pickle=allow_pickle)
     if as_json:
         for r in results:
-            print(json.dumps(r))
+            print(json.dumps(r, allow_nan=False))       # NaN is no JSON; api.evaluate refuses it
         return
     t = Table(title=f"perplexity of {target}")
     cols = ("dataset", "seq_len", "windows", "ppl") + (("KL to reference",) if reference else ())
@@ -182,10 +243,11 @@ def recipes_list():
 @recipes_app.command("show")
 def recipes_show(name: str):
     """Print a bundled recipe."""
+    from calq.errors import RecipeError
+    from calq.files import read_text
     from calq.recipe.load import find_recipe
 
-    path = _run(find_recipe, name)
-    print(path.read_text(), end="")
+    print(_run(lambda: read_text(find_recipe(name), RecipeError)), end="")
 
 
 @recipes_app.command("validate")
@@ -227,14 +289,19 @@ def zoo_list():
 def zoo_train(name: str, steps: int | None = typer.Option(None, help="Override the spec's step count."),
               out: Path | None = typer.Option(None, help="Output directory (default: the bundled folder).")):
     """Train a demo model on stdlib:train (fixed seed and steps; minutes on a CPU)."""
+    from calq.errors import CalqError
     from calq.zoo.specs import ZOO
 
-    if name not in ZOO:
-        err_console.print(f"[bold red]error:[/] unknown zoo model {name!r} — use one of {', '.join(ZOO)}")
-        raise typer.Exit(2)
-    from calq.zoo.train import train
+    def run():
+        if name not in ZOO:
+            raise CalqError(f"unknown zoo model {name!r}", f"use one of {', '.join(ZOO)}")
+        if steps is not None and steps < 1:
+            raise CalqError(f"--steps {steps}: training needs at least one step", "use --steps 1 or more")
+        from calq.zoo.train import train
 
-    train(name, out_dir=out, steps=steps, log=console.print)
+        train(name, out_dir=out, steps=steps, log=console.print)
+
+    _run(run)
 
 
 def run():  # pragma: no cover - console entry for `python -m calq`

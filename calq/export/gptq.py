@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from calq.errors import CalqError
+from calq.errors import CalqError, ModelError
 from calq.export.ct import _unpack_zero, ct_dequantize
-from calq.export.reader import INDEX, _scheme_for, dense_config
-from calq.export.writer import publish
+from calq.export.peft import check_adapter
+from calq.export.qconfig import DAMAGED
+from calq.export.reader import INDEX, CheckpointReader, _scheme_for, check_ct_tensors, dense_config
+from calq.export.staging import staged
+from calq.export.writer import tied_output_key
+from calq.files import open_safetensors, read_json
 
 _CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 _MODEL_FILES = ("config.json", "quantize_config.json", INDEX)
@@ -106,28 +108,30 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise CalqError(f"{src} is not a checkpoint folder (no config.json)", "pass the output folder of compress")
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise CalqError(f"output {dst} exists and is not empty", "pass --overwrite or choose another folder")
     config, qconfig = dense_config(src)
     if not qconfig or qconfig.get("quant_method") != "compressed-tensors":
         method = (qconfig or {}).get("quant_method", "none (a dense model)")
         raise CalqError(f"{src} has quant_method {method}; only compressed-tensors checkpoints convert to GPTQ",
                         "GPTQ cannot express calq's own formats (PTQ1.61, Quamba); keep the calq checkpoint")
-    modules = dict(empty_model(config, torch.float16).named_modules())
-    files = sorted(src.glob("*.safetensors"))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    model = empty_model(config, torch.float16)
+    modules = dict(model.named_modules())
+    reader = CheckpointReader(src)          # every header and the index, checked
+    _check_keys(src, model, reader.files)
+    if reader.adapter is not None:
+        check_adapter(reader.adapter)
+    files = sorted({src / f for f in reader.files.values()})
+    with staged(dst, overwrite) as tmp:
         uniform: dict = {}
         weight_map = {}
         for f in files:
-            with safe_open(f, "pt") as st:
+            with open_safetensors(f) as st:
                 keys = list(st.keys())
                 out = {k: st.get_tensor(k) for k in keys if not k.endswith(_CT_SUFFIXES)}
                 for k in [k for k in keys if k.endswith(".weight_packed")]:
                     name = k[: -len(".weight_packed")]
                     ct = {s: st.get_tensor(f"{name}.{s}") for s in _CT_SUFFIXES if f"{name}.{s}" in keys}
-                    scheme = _scheme_for(name, modules.get(name), qconfig)
+                    scheme = _scheme_for(name, modules[name], qconfig)
+                    check_ct_tensors(name, ct, scheme, tuple(modules[name].weight.shape))
                     _check_scheme(name, scheme, tuple(ct["weight_shape"].tolist()), uniform)
                     try:
                         gq = _gptq_tensors(ct, scheme)
@@ -148,7 +152,7 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
                 "sym": s["symmetric"], "lm_head": False, "checkpoint_format": "gptq", "format": "gptq",
                 "pack_dtype": "int32", "true_sequential": True, "static_groups": False,
                 "meta": {"quantizer": [f"calq:{_version()}"]}}
-        cfg = json.loads((src / "config.json").read_text())
+        cfg = read_json(src / "config.json")
         cfg["quantization_config"] = gcfg
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(gcfg, indent=2, sort_keys=True) + "\n")
@@ -159,11 +163,18 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
         for p in src.iterdir():       # tokenizer, recipe, report, adapter/: everything but the weights
             if p.suffix != ".safetensors" and p.name not in _MODEL_FILES:
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
-        publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return gcfg
+
+
+def _check_keys(src: Path, model, files: dict[str, str]) -> None:
+    """The checkpoint holds exactly the architecture's tensors (packed ones as CT names): export copies the
+    others as they are, so a missing or foreign one would pass silently into the GPTQ checkpoint."""
+    stored = {k.removesuffix(".weight_packed") + ".weight" if k.endswith(".weight_packed") else k
+              for k in files if not k.endswith(_CT_SUFFIXES[1:])}
+    expected = set(model.state_dict()) - {tied_output_key(model)}
+    if stored != expected:
+        raise ModelError(f"{src} does not match its architecture: missing {sorted(expected - stored)[:3]}, "
+                         f"unexpected {sorted(stored - expected)[:3]}", DAMAGED)
 
 
 def _version() -> str:

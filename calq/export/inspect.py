@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from safetensors import safe_open
-
-from calq.errors import CalqError
+from calq.errors import CalqError, ModelError
+from calq.export.qconfig import DAMAGED, check_quantization_config
+from calq.files import open_safetensors, read_json
 
 VLLM_NOTE = {"block": "no vLLM kernel for block (per-input-channel) INT weights; loads in transformers"}
 
@@ -18,7 +17,7 @@ def _group_of(name: str, groups: dict) -> tuple[str, dict]:
         for t in g.get("targets", []):
             if t == name or (t.startswith("re:") and re.match(t[3:], name)) or t == "Linear":
                 return gname, g
-    raise CalqError(f"{name} is packed but no config group targets it", "the checkpoint's config.json is damaged")
+    raise ModelError(f"{name} is packed but no config group targets it", DAMAGED)
 
 
 def inspect_checkpoint(path: str | Path) -> list[dict]:
@@ -26,14 +25,15 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CalqError(f"{path} is not a model directory (no config.json)", "give a calq output directory")
-    qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
+    qcfg = read_json(cfg_file).get("quantization_config")
     if not qcfg:
         raise CalqError(f"{path} holds a dense model (no quantization_config)", "give a calq output directory")
+    check_quantization_config(qcfg, cfg_file)
     files = sorted(path.glob("*.safetensors"))
     sizes: dict[str, int] = {}
     shapes: dict[str, list[int]] = {}
     for f in files:
-        with safe_open(f, "pt") as st:
+        with open_safetensors(f) as st:
             for k in st.keys():
                 sl = st.get_slice(k)
                 n = 1
@@ -42,13 +42,21 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
                 sizes[k] = n * _itemsize(sl.get_dtype())
                 if k.endswith(".weight_shape"):
                     shapes[k[: -len(".weight_shape")]] = st.get_tensor(k).tolist()
+                    if len(shapes[k[: -len(".weight_shape")]]) != 2:
+                        raise ModelError(f"{f}: {k} is not an [OC, IC] shape", DAMAGED)
                 elif k.endswith(".qweight"):                     # GPTQ layout: [IC·bits/32, OC]
                     rows_, oc = sl.get_shape()
                     shapes[k[: -len(".qweight")]] = [oc, rows_ * 32 // qcfg.get("bits", 4)]
     report = path / "report.json"
-    methods = {m["name"]: m["method"] for m in json.loads(report.read_text())["modules"]} if report.is_file() else {}
+    modules = read_json(report).get("modules", []) if report.is_file() else []
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and "name" in m for m in modules):
+        raise ModelError(f"{report}: modules is not a list of module records", DAMAGED)
+    methods = {m["name"]: m.get("method", "?") for m in modules}
     rows = []
     for name, meta in sorted((qcfg.get("calq_modules") or {}).items()):
+        lost = [k for k in meta["tensors"] if f"{name}.{k}" not in sizes]
+        if lost:
+            raise ModelError(f"{path}: {name}.{lost[0]} is missing from the weights", DAMAGED)
         nbytes = sum(sizes[f"{name}.{k}"] for k in meta["tensors"])
         rows.append({"name": name, "method": meta["method"], "bits": meta.get("bits", "-"),
                      "layout": meta.get("layout", meta["method"]), "strategy": "calq", "group_size": None,
@@ -64,17 +72,21 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
                          "shape": [oc, ic], "bytes": nbytes, "bits_per_weight": 8 * nbytes / (oc * ic),
                          "note": f"GPTQ layout ({fmt})"})
         return rows
+    packed = {k.removesuffix(".weight_packed") for k in sizes if k.endswith(".weight_packed")}
+    lost = sorted(f"{n}.{t}" for n in packed for t in ("weight_scale", "weight_shape") if f"{n}.{t}" not in sizes)
+    if lost:
+        raise ModelError(f"{path}: {lost[0]} is missing from the weights", DAMAGED)
     for name in sorted(shapes):
         _, g = _group_of(name, qcfg["config_groups"])
         w = g["weights"]
         nbytes = sum(v for k, v in sizes.items() if k.startswith(name + ".weight_"))
         oc, ic = shapes[name]
-        strategy = w["strategy"]
+        strategy = w.get("strategy")
         group = (w.get("block_structure") or [None])[0] if strategy == "block" else \
             (w.get("group_size") if strategy == "group" else -1)
-        rows.append({"name": name, "method": methods.get(name, "?"), "bits": w["num_bits"],
+        rows.append({"name": name, "method": methods.get(name, "?"), "bits": w.get("num_bits", 8),
                      "layout": "ic" if strategy == "block" else "oc", "strategy": strategy, "group_size": group,
-                     "symmetric": w["symmetric"], "shape": [oc, ic], "bytes": nbytes,
+                     "symmetric": w.get("symmetric", True), "shape": [oc, ic], "bytes": nbytes,
                      "bits_per_weight": 8 * nbytes / (oc * ic), "note": VLLM_NOTE.get(strategy, "")})
     return rows
 

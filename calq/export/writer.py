@@ -3,7 +3,7 @@
 Every tensor of the model's state dict is stored in the model's dtype, except that each quantized module's
 `weight` becomes its CT tensors. `write_checkpoint` writes one `model.safetensors` from a model held in RAM;
 `ShardedWriter` writes the same tensors a block at a time (disk offload), as shards listed in
-`model.safetensors.index.json` (formats.md §1.2). The caller owns the temporary directory and the final rename.
+`model.safetensors.index.json` (formats.md §1.2). The caller owns the folder (`staging.staged`).
 `Packed` records (calq's own storage) make the checkpoint calq-only: quant_method "calq", their meta under
 `quantization_config.calq_modules`, and any compressed-tensors modules described by the usual groups.
 """
@@ -11,8 +11,6 @@ Every tensor of the model's state dict is stored in the model's dtype, except th
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,18 +18,6 @@ from safetensors.torch import save_file
 
 from calq.export.ct import ct_quantization_config, ct_tensors
 from calq.methods.base import Compressed, Packed
-
-
-def publish(tmp: Path, output: Path) -> None:
-    """Move the finished temp folder to output (replacing it: the caller checked --overwrite). mkdtemp and
-    safetensors create owner-only folders and files; give them the permissions of any new file first."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [tmp, *tmp.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
 
 
 def tied_output_key(model) -> str | None:

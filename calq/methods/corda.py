@@ -62,6 +62,7 @@ class CorDA(Method):
     """The calibration dataset is CorDA's context: task samples for ipa, knowledge to keep for kpa."""
 
     Config = CorDAConfig
+    effect = "adapter+base"
     needs = ("sample_covariance",)
 
     def apply(self, name, W, stats) -> Adapter:

@@ -71,17 +71,17 @@ def low_rank_compensation(W: torch.Tensor, W_hat: torch.Tensor, rank: int, basis
 import re  # noqa: E402
 from typing import Literal  # noqa: E402
 
-from pydantic import Field  # noqa: E402
+from pydantic import Field, PositiveInt, field_validator  # noqa: E402
 
 from calq.methods.base import Adapter  # noqa: E402
 from calq.methods.gptq import gptq_quantize  # noqa: E402
 from calq.methods.quantizer import QuantArgs, quantize_rtn  # noqa: E402
-from calq.methods.registry import Method, StageConfig, register  # noqa: E402
+from calq.methods.registry import Method, StageConfig, check_regex, register  # noqa: E402
 
 
 class EoRAConfig(StageConfig):
     rank: int = Field(16, ge=1)
-    rank_pattern: dict[str, int] = Field(default_factory=dict)   # regex (re.match on the module path) -> rank
+    rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict)  # regex (re.match on the module path) -> rank
     basis: Literal["eora", "svd", "act-s", "corda"] = "eora"
     # Round A and B to this many bits (RTN, symmetric, one scale per row), as the paper's --lowrank_wbits.
     # PEFT has no integer LoRA format: they are stored dequantized; the report gives their packed size too.
@@ -90,12 +90,20 @@ class EoRAConfig(StageConfig):
     # then B against the Hessian of its own input Â x, i.e. Â H Âᵀ).
     adapter_quant: Literal["rtn", "gptq"] = "rtn"
 
+    @field_validator("rank_pattern")
+    @classmethod
+    def _patterns_compile(cls, v):
+        for pattern in v:
+            check_regex(pattern)
+        return v
+
 
 @register("eora")
 class EoRA(Method):
     """Compensates the compression done by the stages before it, Linear by Linear, block by block."""
 
     Config = EoRAConfig
+    effect = "adapter"
     needs = ("hessian", "original_weight", "input_absmean")
     compensates = True
     calibrate_on = "original"

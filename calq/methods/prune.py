@@ -114,6 +114,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: str, block_size:
 @register("prune")
 class Prune(Method):
     Config = PruneConfig
+    effect = "prune"
 
     @property
     def needs(self):

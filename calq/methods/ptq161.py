@@ -31,7 +31,7 @@ SCALE_DTYPE = torch.float16     # every stored scale; the trained values are rou
 class Preprocess(BaseModel):
     """The restorative LoRA of §3.4: quantize, train a LoRA on top, merge, quantize again."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(100, ge=1)           # optimizer steps (paper: 10,000 on a GPU)
     rank: int = Field(64, ge=1)

@@ -51,6 +51,15 @@ class Quamba2(Method):
     Config = Quamba2Config
     scope = "block"
 
+    def check_shape(self, shape):
+        # 4-bit weights come in groups along the input dim; a width narrower than a group is one group per row
+        # (x_proj), but a wider one that the group does not divide would silently become one too
+        cfg = self.config
+        four_bit = PRECISIONS[cfg.precision][0] == 4 or cfg.lm_head == "w4a8"
+        if four_bit and shape[1] >= cfg.group_size and shape[1] % cfg.group_size:
+            return "group_size", f"{cfg.group_size} does not divide in_features {shape[1]}"
+        return None
+
     def prepare(self, model, ctx) -> None:
         if self.config.residual_hadamard:
             fold_norms(model)

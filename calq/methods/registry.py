@@ -14,6 +14,7 @@ A method declares:
     PTQ1.61's preprocessing pass),
     and `model_records()`: `Packed` records of modules outside the blocks that `prepare` compressed and installed
     (Quamba2's embedding and lm_head), which join the block loop's records;
+  - `effect`: what it leaves of a Linear, which decides the stage orders a checkpoint can hold (`order_problem`);
   - optionally `check_shape`, `compensates`, `calibrate_on` and `robust_statistics` (below).
 The engine never branches on a method's name; everything it needs is declared here.
 """
@@ -51,18 +52,18 @@ class StageCalibration(BaseModel):
     """Data for one stage's statistics instead of the recipe's: EoRA or CorDA on task text while GPTQ calibrates
     on general text. Unset keys take the recipe's `calibration` values."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dataset: str
     num_samples: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)     # torch's generator takes 64 bits; Random(-s) == Random(s)
 
 
 class StageConfig(BaseModel):
     """Keys every stage has. `targets`/`ignore`: class names, exact module paths or `re:` regexes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: str
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
@@ -74,16 +75,21 @@ class StageConfig(BaseModel):
     def _regexes_compile(cls, v):
         for t in v:
             if t.startswith("re:"):
-                try:
-                    re.compile(t[3:])
-                except re.error as e:
-                    raise ValueError(f"bad regex {t!r}: {e}") from e
+                check_regex(t[3:])
         return v
 
 
 # GGUF block formats a stage can target: what they fix (export/gguf.py writes the codes as they are)
 SCHEMES = {"q4_0": {"bits": 4, "group_size": 32, "symmetric": True, "layout": "oc"},
            "q8_0": {"bits": 8, "group_size": 32, "symmetric": True, "layout": "oc"}}
+
+
+def check_regex(pattern: str) -> None:
+    """A recipe's regex compiles (else a ValueError that validation reports with the key's path)."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"bad regex {pattern!r}: {e}") from None
 
 
 class WeightQuantConfig(StageConfig):
@@ -128,6 +134,9 @@ class Method:
     # fit a handful of attention-sink tokens at every other token's cost (GPTQ, EoRA); False: every token counts,
     # as importance scores need (pruning masks, CorDA's covariance).
     robust_statistics: bool = False
+    # "quantize": stored codes (Compressed, Packed); "prune": a dense weight (Replaced); "adapter": a side path
+    # beside the weight (EoRA); "adapter+base": a side path and a new dense base weight (CorDA's residual)
+    effect: str = "quantize"
     Config: type[StageConfig] = StageConfig
     needs: tuple[str, ...] = ()
 
@@ -169,3 +178,26 @@ class Method:
         """W is the Linear's current weight [OC, IC] (fp32 copy). A `Compressed` replaces it; an `Adapter`
         is added next to it (as a side path for the blocks that follow); `Replaced` swaps in a dense weight."""
         raise NotImplementedError
+
+
+def order_problem(stages: list[Method]) -> tuple[int, str, str] | None:
+    """Why these stages, in this order, cannot all act on one Linear: (index of the stage at fault, problem, fix),
+    or None. A checkpoint stores one weight per Linear (quantized codes or a dense tensor) and one adapter, so what
+    a later stage does to the weight must be what gets stored."""
+    quantized = adapter = None
+    for i, m in enumerate(stages):
+        if m.effect == "quantize" and quantized is not None:
+            return i, f"{quantized.name} then {m.name} quantize the same weight twice", \
+                "quantize each Linear once: give the stages disjoint targets/ignore, or drop one"
+        if m.effect.startswith("adapter") and adapter is not None:
+            return i, f"{adapter.name} then {m.name} both add an adapter, and a Linear carries one", \
+                "keep one adapter stage per Linear, or give them disjoint targets/ignore"
+        if m.effect in ("prune", "adapter+base") and quantized is not None:
+            return i, f"{m.name} after {quantized.name} changes a weight the checkpoint stores as " \
+                f"{quantized.name}'s codes, so the change would be lost", \
+                f"put {m.name} before {quantized.name}" + (" (or compensate with eora)" if m.effect != "prune" else "")
+        if m.effect == "quantize":
+            quantized = m
+        elif m.effect.startswith("adapter"):
+            adapter = m
+    return None

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from calq.errors import RecipeError
+from calq.files import read_text
 from calq.recipe.schema import Recipe, validate_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -24,13 +25,16 @@ def find_recipe(ref: str | Path) -> Path:
 
 
 def read_yaml(path: Path) -> dict:
+    text = read_text(path, RecipeError, "save the recipe as UTF-8 YAML text")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}",
+        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}",
                           "fix the YAML syntax") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML nested too deeply to read", "a recipe is a few levels of mappings") from None
     return data if data is not None else {}
 
 

@@ -28,7 +28,7 @@ from calq.methods.registry import StageConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _check_spec(v: str) -> str:
@@ -43,7 +43,7 @@ class Calibration(_Strict):
     dataset: str = "stdlib:train"
     num_samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)    # torch's generator takes 64 bits; Random(-s) would equal Random(s)
     batch_size: int = Field(8, ge=1)
     # What the next block is fed: the compressed blocks' outputs (GPTQ) or the full-precision ones
     # (AdaDim's and AWQ's reference code).
@@ -56,7 +56,7 @@ class Calibration(_Strict):
 
 
 class Evaluation(_Strict):
-    datasets: list[str] = Field(default_factory=lambda: ["stdlib:test"])
+    datasets: list[str] = Field(default_factory=lambda: ["stdlib:test"], min_length=1)   # none: use --no-eval
     seq_len: int = Field(512, ge=8)
     max_windows: int | None = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -81,7 +81,7 @@ class Expect(_Strict):
 
 
 class Recipe(_Strict):
-    model: str = "zoo:llama"
+    model: str = Field("zoo:llama", min_length=1)
     calibration: Calibration = Field(default_factory=Calibration)
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1)
     evaluation: Evaluation = Field(default_factory=Evaluation)
@@ -123,7 +123,7 @@ class Recipe(_Strict):
                 raise _StageError(i, "method", "each stage needs a `method:` key "
                                   f"(one of {', '.join(sorted(METHODS))})")
             method = stage["method"]
-            if method not in METHODS:
+            if not isinstance(method, str) or method not in METHODS:
                 raise _StageError(i, "method", f"unknown method {method!r}; "
                                   f"available: {', '.join(sorted(METHODS))}")
             try:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -101,15 +99,10 @@ def ensure_converted(name: str, notify: Callable[[str], None] | None = None) -> 
         return folder
     if notify:
         notify(f"converting {src.name} from {m.distribution} into {folder} (once)")
-    from calq.export.writer import publish
+    from calq.export.staging import staged
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder.parent))
-    try:
+    with staged(folder, overwrite=True) as tmp:      # replaces an outdated conversion
         _convert(m, src, tmp)
-        publish(tmp, folder)        # replaces an outdated conversion
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

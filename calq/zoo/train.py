@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 from calq.calibration.corpus import stdlib_documents
 from calq.calibration.data import evaluation_windows, load_text
 from calq.eval.perplexity import perplexity, unigram_perplexity
+from calq.export.staging import staged
 from calq.zoo import INFO_FILE, TOKENIZER_DIR, ZOO_DIR
 from calq.zoo.specs import SEQ_LEN, VOCAB_SIZE, ZOO
 
@@ -143,14 +141,8 @@ def train(name: str, out_dir: Path | None = None, steps: int | None = None, log=
     log(json.dumps(info, indent=2))
 
     # Write beside the target, then swap it in, so a failed run never leaves half a model.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent))
-    model.half().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    for f in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700; a shipped model must be readable by all
-        f.chmod(0o755 if f.is_dir() else 0o644)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with staged(out_dir, overwrite=True) as tmp:
+        model.half().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
