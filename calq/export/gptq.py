@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from calq.errors import CalqError
 from calq.export.ct import _unpack_zero, ct_dequantize
-from calq.export.reader import INDEX, _scheme_for, dense_config
+from calq.export.reader import INDEX, _scheme_for, dense_config, module_at
 from calq.export.writer import publish
 
 _CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
@@ -113,7 +113,7 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
         method = (qconfig or {}).get("quant_method", "none (a dense model)")
         raise CalqError(f"{src} has quant_method {method}; only compressed-tensors checkpoints convert to GPTQ",
                         "GPTQ cannot express calq's own formats (PTQ1.61, Quamba); keep the calq checkpoint")
-    modules = dict(empty_model(config, torch.float16).named_modules())
+    model = empty_model(config, torch.float16)
     files = sorted(src.glob("*.safetensors"))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -127,7 +127,7 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
                 for k in [k for k in keys if k.endswith(".weight_packed")]:
                     name = k[: -len(".weight_packed")]
                     ct = {s: st.get_tensor(f"{name}.{s}") for s in _CT_SUFFIXES if f"{name}.{s}" in keys}
-                    scheme = _scheme_for(name, modules.get(name), qconfig)
+                    scheme = _scheme_for(name, module_at(model, name), qconfig)
                     _check_scheme(name, scheme, tuple(ct["weight_shape"].tolist()), uniform)
                     try:
                         gq = _gptq_tensors(ct, scheme)

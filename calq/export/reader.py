@@ -5,7 +5,9 @@ Quantized modules are dequantized with `ct.ct_dequantize`, using the config grou
 module (exact name, `re:` regex or class name, formats.md §1.1); modules in calq's own format
 (`quantization_config.calq_modules`) by their method's `rebuild`. Safetensors only: nothing is unpickled.
 `CheckpointReader` reads tensors lazily, a few modules at a time, from one file or from shards listed in
-`model.safetensors.index.json`; disk offload uses it to fill one block at a time.
+`model.safetensors.index.json`; disk offload uses it to fill one block at a time. A model with fused MoE experts
+reads its hub checkpoint's per-expert tensors, dequantized one by one and stacked into the fused parameters
+(calibration/experts.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 import torch
 from compressed_tensors.utils import is_match
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from calq.calibration.experts import CheckpointNames
 from calq.export.ct import ct_dequantize
 from calq.export.peft import ADAPTER_DIR, merge_adapter
 from calq.export.writer import tied_output_key
@@ -27,6 +31,15 @@ _PACKED = ".weight_packed"
 _CT_NAMES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 INDEX = "model.safetensors.index.json"
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def module_at(model, name: str) -> nn.Module:
+    """The module at `name`, or a Linear standing in for an expert projection that exists only in the checkpoint
+    (fused in the model): checkpoints target those as Linears (llm-compressor writes `targets: [Linear]`)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return nn.Linear(1, 1, bias=False, device="meta")
 
 
 def _scheme_for(name: str, module, qconfig: dict) -> dict:
@@ -59,6 +72,13 @@ class CheckpointReader:
         self.qconfig = dense_config(self.path)[1]
         adapter = self.path / ADAPTER_DIR
         self.adapter = adapter if (adapter / "adapter_config.json").is_file() else None
+        self._names: tuple = (None, None)
+
+    def names(self, model) -> CheckpointNames:
+        """The model's checkpoint names (computed once per model: disk offload reads one block at a time)."""
+        if self._names[0] is not model:
+            self._names = (model, CheckpointNames(model))
+        return self._names[1]
 
     def first_dtype(self) -> torch.dtype:
         """dtype of the first floating tensor: what transformers' dtype="auto" falls back to."""
@@ -101,9 +121,8 @@ class CheckpointReader:
             tensors = {n: state.pop(f"{name}.{n}") for n in _CT_NAMES if f"{name}.{n}" in state}
             if "weight_g_idx" in tensors:
                 raise ValueError(f"{name}: actorder group (weight_g_idx) is not supported; formats.md §1.1")
-            state[f"{name}.weight"] = ct_dequantize(tensors, _scheme_for(name, model.get_submodule(name),
-                                                                         self.qconfig))
-        return state
+            state[f"{name}.weight"] = ct_dequantize(tensors, _scheme_for(name, module_at(model, name), self.qconfig))
+        return self.names(model).from_checkpoint(state)
 
     def _gptq_weight(self, model, name: str, state: dict) -> torch.Tensor:
         """A GPTQ-layout Linear (calq export, AutoGPTQ, GPTQModel; formats.md §2), dequantized in fp32."""
@@ -115,7 +134,10 @@ class CheckpointReader:
         if q.get("bits") not in (2, 3, 4, 8):
             raise ValueError(f"GPTQ with {q.get('bits')} bits has no known packing (2, 3, 4 or 8)")
         t = {n: state.pop(f"{name}.{n}") for n in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{n}" in state}
-        OC, IC = model.get_submodule(name).weight.shape
+        try:
+            OC, IC = model.get_submodule(name).weight.shape
+        except AttributeError:          # an expert projection, fused in the model: [IC·bits/32, OC] packed
+            OC, IC = t["qweight"].shape[1], t["qweight"].shape[0] * 32 // q["bits"]
         v1 = (q.get("checkpoint_format") or q.get("format") or "gptq") == "gptq"
         return gptq_dequantize(t, q["bits"], OC, IC, zero_offset=1 if v1 else 0)
 

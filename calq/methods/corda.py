@@ -63,6 +63,7 @@ class CorDA(Method):
 
     Config = CorDAConfig
     needs = ("sample_covariance",)
+    adapters = True
 
     def apply(self, name, W, stats) -> Adapter:
         cfg = self.config

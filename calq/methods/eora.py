@@ -98,6 +98,7 @@ class EoRA(Method):
     Config = EoRAConfig
     needs = ("hessian", "original_weight", "input_absmean")
     compensates = True
+    adapters = True
     calibrate_on = "original"
     robust_statistics = True
 
