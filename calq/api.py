@@ -302,7 +302,11 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             stats = write_checkpoint(model_.to(store_dtype), records, tmp, ignore)
         stats["dense_sizes"] = {n: m.weight.numel() for n, m in model_.named_modules()
                                 if isinstance(m, torch.nn.Linear)}
-        stats["dense_sizes"].update({n: oc * ic for n, (oc, ic) in CheckpointNames(model_).expert_shapes().items()})
+        ckpt = CheckpointNames(model_)
+        stats["dense_sizes"].update({n: oc * ic for n, (oc, ic) in ckpt.expert_shapes().items()})
+        for m in result.modules:        # where `calq inspect` finds it, when the hub's name differs (Mixtral)
+            if ckpt.hub_name(m.record.name) != m.record.name:
+                m.record.info["checkpoint_name"] = ckpt.hub_name(m.record.name)
         acct = accounting(stats["sizes"], find_blocks(model_)[0], {f"{m.record.name}.weight" for m in result.replaced})
         adapter_bytes = 0
         if result.adapters:

@@ -46,7 +46,8 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
                     rows_, oc = sl.get_shape()
                     shapes[k[: -len(".qweight")]] = [oc, rows_ * 32 // qcfg.get("bits", 4)]
     report = path / "report.json"
-    methods = {m["name"]: m["method"] for m in json.loads(report.read_text())["modules"]} if report.is_file() else {}
+    recorded = json.loads(report.read_text())["modules"] if report.is_file() else []
+    methods = {m["info"].get("checkpoint_name", m["name"]): m["method"] for m in recorded}
     rows = []
     for name, meta in sorted((qcfg.get("calq_modules") or {}).items()):
         nbytes = sum(sizes[f"{name}.{k}"] for k in meta["tensors"])
@@ -77,6 +78,79 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
                      "symmetric": w["symmetric"], "shape": [oc, ic], "bytes": nbytes,
                      "bits_per_weight": 8 * nbytes / (oc * ic), "note": VLLM_NOTE.get(strategy, "")})
     return rows
+
+
+def _blocks_prefix(keys) -> str | None:
+    """The repeated-block prefix (`model.layers`): the `X.N.` whose index N takes the most values."""
+    seen: dict[str, set] = {}
+    for k in keys:
+        m = re.match(r"(.+?)\.(\d+)\.", k)
+        if m:
+            seen.setdefault(m[1], set()).add(m[2])
+    return max(seen, key=lambda p: len(seen[p])) if seen else None
+
+
+def checkpoint_summary(path: str | Path) -> dict:
+    """Bits per parameter over every stored tensor, of the whole checkpoint and of its repeated blocks, from the
+    files alone: a packed module counts the parameters of its weight_shape (GPTQ: of its qweight), a calq-format
+    one its n_weights."""
+    path = Path(path)
+    qcfg = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    calq_modules = qcfg.get("calq_modules") or {}
+    sizes: dict[str, list[int]] = {}          # key -> [bytes, parameters]
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                nbytes = n * _itemsize(st.get_slice(k).get_dtype())
+                mod, _, suffix = k.rpartition(".")
+                owner = next((m for m in calq_modules if k.startswith(m + ".")), None)
+                if owner is not None:               # its n_weights on its first tensor
+                    n = calq_modules[owner]["n_weights"] if k == f"{owner}.{calq_modules[owner]['tensors'][0]}" else 0
+                elif suffix == "weight_shape":
+                    n = int(st.get_tensor(k).prod())
+                elif suffix == "qweight":
+                    n = shape[1] * shape[0] * 32 // qcfg.get("bits", 4)
+                elif suffix.startswith("weight_") or suffix in ("qzeros", "scales", "g_idx"):
+                    n = 0
+                sizes[k] = [nbytes, n]
+    prefix = _blocks_prefix(sizes)
+    blocks = [v for k, v in sizes.items() if prefix and k.startswith(prefix + ".")]
+
+    def bpp(vals):
+        n = sum(v[1] for v in vals)
+        return 8 * sum(v[0] for v in vals) / n if n else None
+    return {"blocks": f"{prefix}.*" if prefix else None, "bits_per_parameter_blocks": bpp(blocks),
+            "block_parameters": sum(v[1] for v in blocks), "bits_per_parameter": bpp(sizes.values()),
+            "parameters": sum(v[1] for v in sizes.values()), "bytes": sum(v[0] for v in sizes.values())}
+
+
+def short_names(names: list[str], width: int) -> list[str]:
+    """Names that fit `width` and still tell rows apart: the prefix they all share (`model.layers.`) dropped, then
+    the longest non-index parts left of the last (`block_sparse_moe`) replaced by `…`, so the block index, the expert
+    index and the projection stay: `model.layers.0.block_sparse_moe.experts.3.w1` -> `…0.….experts.3.w1`."""
+    if not names or max(map(len, names)) <= width:
+        return names
+    common = names[0]
+    for n in names[1:]:
+        while not n.startswith(common):
+            common = common[:-1]
+    cut = common.rfind(".") + 1
+    out = []
+    for n in names:
+        parts = n[cut:].split(".")
+        while len(".".join(parts)) + bool(cut) > width:
+            long = [i for i, p in enumerate(parts[:-1]) if not p.isdigit() and p != "…"]
+            if not long:
+                break
+            parts[max(long, key=lambda i: len(parts[i]))] = "…"
+        tail = ".".join(parts)
+        tail = ("…" + tail if cut else tail)
+        out.append(tail if len(tail) <= width else "…" + tail[-(width - 1):])
+    return out
 
 
 def _itemsize(dtype: str) -> int:
