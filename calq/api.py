@@ -175,13 +175,10 @@ def compute_dtype(device: torch.device, store_dtype: torch.dtype) -> torch.dtype
     return torch.float32 if device.type == "cpu" else store_dtype
 
 
-def moe_settings(model, recipe: Recipe) -> MoESettings | None:
-    """The engine's MoE settings when the model holds fused experts (None for every other model)."""
-    names = CheckpointNames(model)
-    if not names.active and not names.unsupported:
-        return None
+def moe_settings(model, recipe: Recipe) -> MoESettings:
+    """The engine's MoE settings: fused experts to route (none for most models), the rare-expert rule."""
     m = recipe.moe
-    return MoESettings(names, m.calibrate_all_experts, m.min_tokens, m.dampening_frac)
+    return MoESettings(CheckpointNames(model), m.calibrate_all_experts, m.min_tokens, m.dampening_frac)
 
 
 def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.dtype = torch.float16,

@@ -56,8 +56,11 @@ class EngineResult:
                                                          "methods": 0.0, "propagate": 0.0})
 
 
-def stage_targets(linears: dict[str, nn.Linear], stage) -> dict[str, nn.Linear]:
-    return {n: m for n, m in linears.items() if matches(n, m, stage.targets) and not matches(n, m, stage.ignore)}
+def stage_targets(linears: dict[str, nn.Linear], stage, routers: set[str] = frozenset()) -> dict[str, nn.Linear]:
+    """The stage's Linears; MoE routers only when a target names them (a path or `re:`, not a class name)."""
+    named = [t for t in stage.targets if t.startswith("re:") or "." in t]
+    return {n: m for n, m in linears.items() if matches(n, m, stage.targets) and not matches(n, m, stage.ignore)
+            and (n not in routers or matches(n, m, named))}
 
 
 class _Hessians:
@@ -359,7 +362,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         result.skipped += [{"name": n, "reason": f"fused experts left in full precision: {r}"}
                            for n, r in routed.left.items()]
         linears = find_linears(block, f"{prefix}.{i}")
-        experts = set(routed.experts) | list_experts(block, f"{prefix}.{i}")
+        listed, routers = list_experts(block, f"{prefix}.{i}")
+        experts = set(routed.experts) | listed
         # one block's weights before any stage: what "original_weight" and the adapters' errors refer to
         originals = {n: m.weight.data.float().clone() for n, m in linears.items()} if keep_originals else {}
         fp_outs = None
@@ -369,7 +373,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             fp_next = [block_output(block(h.to(device), **to_device(kw, device))).cpu() for h, kw in fp_inputs]
             phases["propagate"] += time.perf_counter() - t0
         for k, method in enumerate(stages):
-            targets = stage_targets(linears, method.config)
+            targets = stage_targets(linears, method.config, routers)
             if method.adapters or method.scope == "block":
                 targets = _without_fused(targets, routed.experts, method, result)
             if not targets:

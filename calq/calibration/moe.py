@@ -154,14 +154,23 @@ def unfused(block: nn.Module, prefix: str, settings: MoESettings | None):
                 del mod._modules[str(e)]
 
 
-def list_experts(block: nn.Module, prefix: str) -> set[str]:
-    """Linears of per-expert modules held in an nn.ModuleList (older transformers, custom code): each sees only
-    the tokens routed to its expert."""
-    out = set()
+def _expert_list(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1
+
+
+def list_experts(block: nn.Module, prefix: str) -> tuple[set[str], set[str]]:
+    """(expert Linears, router Linears) of per-expert modules held in an nn.ModuleList (custom code, older
+    transformers): each expert sees only the tokens routed to it; a router is a Linear next to such a list with
+    one output per expert, which stays in full precision unless a stage names it."""
+    experts, routers = set(), set()
     for name, mod in block.named_modules():
-        if isinstance(mod, nn.ModuleList):
-            out |= {f"{prefix}.{name}.{n}" for n, m in mod.named_modules() if isinstance(m, nn.Linear)}
-    return out
+        lists = [m for m in mod.children() if _expert_list(m)]
+        if not _expert_list(mod) or not name:
+            routers |= {f"{prefix}.{name}.{n}" for n, c in mod.named_children()
+                        if isinstance(c, nn.Linear) and any(c.out_features == len(lst) for lst in lists)}
+            continue
+        experts |= {f"{prefix}.{name}.{n}" for n, m in mod.named_modules() if isinstance(m, nn.Linear)}
+    return experts, routers
 
 
 def few_token_hessians(stats: dict[str, dict], experts: set[str], settings: MoESettings) -> dict[str, dict]:

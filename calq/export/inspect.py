@@ -11,6 +11,12 @@ from safetensors import safe_open
 from calq.errors import CalqError
 
 VLLM_NOTE = {"block": "no vLLM kernel for block (per-input-channel) INT weights; loads in transformers"}
+ASYM_EXPERTS = "transformers' MoE loader reads no expert zero points; calq.load and vLLM do"
+
+
+def _fused(group: dict) -> bool:
+    """A config group of MoE experts (writer: a `re:` target naming them)."""
+    return any(t.startswith("re:") and "experts" in t for t in group.get("targets", []))
 
 
 def _group_of(name: str, groups: dict) -> tuple[str, dict]:
@@ -76,7 +82,8 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
         rows.append({"name": name, "method": methods.get(name, "?"), "bits": w["num_bits"],
                      "layout": "ic" if strategy == "block" else "oc", "strategy": strategy, "group_size": group,
                      "symmetric": w["symmetric"], "shape": [oc, ic], "bytes": nbytes,
-                     "bits_per_weight": 8 * nbytes / (oc * ic), "note": VLLM_NOTE.get(strategy, "")})
+                     "bits_per_weight": 8 * nbytes / (oc * ic),
+                     "note": VLLM_NOTE.get(strategy, "") or (ASYM_EXPERTS if _fused(g) and not w["symmetric"] else "")})
     return rows
 
 

@@ -345,3 +345,47 @@ def test_gptq_beats_rtn_on_an_upcycled_trained_moe(tmp_path):
     # W2 g128, 16 x 256 calibration tokens: error 0.031 vs 0.117, perplexity 80.0 vs 85.4 (dense 78.95)
     assert err["gptq"] < 0.5 * err["rtn"]
     assert base < ppl["gptq"] and ppl["gptq"] - base < 0.5 * (ppl["rtn"] - base)
+
+
+class _ListMoE(torch.nn.Module):
+    """Custom-code MoE: an nn.Linear router and an nn.ModuleList of expert MLPs, top-1; the last expert is
+    masked out of the routing, so no token ever reaches it."""
+
+    def __init__(self, mlps):
+        super().__init__()
+        self.gate = torch.nn.Linear(mlps[0].hidden_size, len(mlps), bias=False)
+        self.experts = torch.nn.ModuleList(mlps)
+
+    def forward(self, x):
+        logits = self.gate(x)
+        logits[..., -1] = float("-inf")
+        top = logits.argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            hit = top == e
+            if hit.any():
+                out[hit] = expert(x[hit])
+        return out
+
+
+def test_experts_in_a_module_list(tiny_llama_dir):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    model, tok, dtype = calq.api.load_model(str(tiny_llama_dir))
+    torch.manual_seed(0)
+    for layer in model.model.layers:
+        layer.mlp = _ListMoE([LlamaMLP(model.config) for _ in range(3)])
+    recipe = validate_recipe({**RECIPE, "moe": {"min_tokens": 1000}})
+    result = compress_model(model, tok, recipe, torch.device("cpu"), torch.float32)
+    by = {m.record.name: m for m in result.modules}
+    assert not any(n.endswith("mlp.gate") for n in by)                 # the router stays full precision
+    for i in range(2):
+        p = f"model.layers.{i}.mlp.experts"
+        assert all(by[f"{p}.{e}.{n}"].record.method == "gptq" and 0 < by[f"{p}.{e}.{n}"].tokens < 1000 and
+                   "few_tokens" in by[f"{p}.{e}.{n}"].record.info for e in (0, 1) for n in ("gate_proj", "up_proj"))
+        never = [by[f"{p}.2.{n}"] for n in ("gate_proj", "up_proj", "down_proj")]
+        assert all(m.record.method == "rtn" and m.tokens == 0 and m.record.info["fallback_from"] == "gptq"
+                   for m in never)
+    named = validate_recipe({**RECIPE, "stages": [{"method": "rtn", "bits": 8, "group_size": 32,
+                                                   "targets": ["re:.*mlp.gate$"]}]})
+    assert len(compress_model(model, tok, named, torch.device("cpu"), torch.float32).modules) == 2

@@ -1,0 +1,102 @@
+"""Seconds and peak memory to GPTQ-quantize one Mixtral-shaped decoder block: attention and E experts.
+
+Runs one MixtralDecoderLayer (random weights are fine for timing) through calq's block engine with its MoE
+settings, so every expert projection is a target with its own Hessian of the tokens routed to it. Compare with
+the dense block of benchmarks/gptq_block.py at the same token count.
+
+    python benchmarks/moe_block.py                        # Mixtral-8x7B shape: hidden 4096, intermediate 14336
+    python benchmarks/moe_block.py --hidden 1024 --intermediate 3584 --tokens 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from calq.calibration.engine import run_blocks
+from calq.calibration.experts import CheckpointNames
+from calq.calibration.moe import MoESettings
+from calq.eval.report import peak_rss_bytes
+from calq.methods import METHODS
+from calq.recipe.schema import validate_recipe
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--all-experts", action="store_true", help="moe.calibrate_all_experts")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    from accelerate import init_empty_weights
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRotaryEmbedding
+
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=1,
+                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                        num_local_experts=args.experts, num_experts_per_tok=args.top_k,
+                        max_position_embeddings=args.seq_len, vocab_size=128)
+    with init_empty_weights():                  # the names and row ranges only need the architecture
+        names = CheckpointNames(MixtralForCausalLM(cfg))
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    block = MixtralDecoderLayer(cfg, layer_idx=0)
+    with torch.no_grad():                       # fused parameters are created uninitialised
+        for p in block.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    block = block.to(dtype)
+    blocks = torch.nn.ModuleList([block])
+    n_batches = max(1, args.tokens // args.seq_len)
+    pos = torch.arange(args.seq_len)[None]
+    cos, sin = MixtralRotaryEmbedding(cfg)(torch.zeros(1, dtype=dtype), pos)
+    inputs = [(torch.randn(1, args.seq_len, args.hidden, dtype=dtype),
+               {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": None})
+              for _ in range(n_batches)]
+    recipe = validate_recipe({"stages": [{"method": "gptq", "bits": args.bits, "group_size": args.group_size}]})
+    stages = [METHODS["gptq"](recipe.stages[0])]
+    moe = MoESettings(names, calibrate_all_experts=args.all_experts)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = run_blocks(blocks, "model.layers", inputs, stages, dev, torch.float16, moe=moe)
+    total = time.perf_counter() - t0
+
+    t = Table(title=f"GPTQ W{args.bits} g{args.group_size}, one Mixtral block hidden {args.hidden} / intermediate "
+                    f"{args.intermediate}, {args.experts} experts top-{args.top_k}, {n_batches * args.seq_len} "
+                    f"tokens{' (all experts)' if args.all_experts else ''}, {dev}, {torch.get_num_threads()} threads")
+    t.add_column("phase")
+    t.add_column("seconds", justify="right")
+    t.add_column("share", justify="right")
+    ph = result.phase_seconds
+    rows = [("calibration forward (excl. Hessian)", ph["stats_forward"] - ph["stats_accumulate"]),
+            ("Hessian accumulation", ph["stats_accumulate"]), ("GPTQ solve (+ rel. error)", ph["methods"]),
+            ("propagation forward", ph["propagate"])]
+    for name, s in rows:
+        t.add_row(name, f"{s:.2f}", f"{100 * s / total:.1f}%")
+    t.add_row("total", f"{total:.2f}", "100%")
+    Console().print(t)
+    print(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB" +
+          (f", peak CUDA {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if dev.type == "cuda" else ""))
+    print(f"{len(result.modules)} modules quantized; tokens routed per expert: {result.expert_tokens}")
+    experts = [m for m in result.modules if ".experts." in m.record.name]
+    fell, damped = (sum(k in m.record.info for m in experts) for k in ("fallback", "few_tokens"))
+    print(f"expert projections: {len(experts)}, {sum(m.seconds for m in experts):.1f} s of solves, "
+          f"{fell} rounded without data, {damped} on a damped Hessian")
+
+
+if __name__ == "__main__":
+    main()
