@@ -14,13 +14,11 @@ import argparse
 import time
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from gptq_block import print_phases, random_inputs  # benchmarks/ is the script's folder, so on sys.path
 
 from calq.calibration.engine import run_blocks
 from calq.calibration.experts import CheckpointNames
 from calq.calibration.moe import MoESettings
-from calq.eval.report import peak_rss_bytes
 from calq.methods import METHODS
 from calq.recipe.schema import validate_recipe
 
@@ -60,12 +58,8 @@ def main():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     block = block.to(dtype)
     blocks = torch.nn.ModuleList([block])
-    n_batches = max(1, args.tokens // args.seq_len)
-    pos = torch.arange(args.seq_len)[None]
-    cos, sin = MixtralRotaryEmbedding(cfg)(torch.zeros(1, dtype=dtype), pos)
-    inputs = [(torch.randn(1, args.seq_len, args.hidden, dtype=dtype),
-               {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": None})
-              for _ in range(n_batches)]
+    inputs = random_inputs(MixtralRotaryEmbedding(cfg), args.tokens, args.seq_len, args.hidden, dtype)
+    n_batches = len(inputs)
     recipe = validate_recipe({"stages": [{"method": "gptq", "bits": args.bits, "group_size": args.group_size}]})
     stages = [METHODS["gptq"](recipe.stages[0])]
     moe = MoESettings(names, calibrate_all_experts=args.all_experts)
@@ -75,22 +69,10 @@ def main():
     result = run_blocks(blocks, "model.layers", inputs, stages, dev, torch.float16, moe=moe)
     total = time.perf_counter() - t0
 
-    t = Table(title=f"GPTQ W{args.bits} g{args.group_size}, one Mixtral block hidden {args.hidden} / intermediate "
-                    f"{args.intermediate}, {args.experts} experts top-{args.top_k}, {n_batches * args.seq_len} "
-                    f"tokens{' (all experts)' if args.all_experts else ''}, {dev}, {torch.get_num_threads()} threads")
-    t.add_column("phase")
-    t.add_column("seconds", justify="right")
-    t.add_column("share", justify="right")
-    ph = result.phase_seconds
-    rows = [("calibration forward (excl. Hessian)", ph["stats_forward"] - ph["stats_accumulate"]),
-            ("Hessian accumulation", ph["stats_accumulate"]), ("GPTQ solve (+ rel. error)", ph["methods"]),
-            ("propagation forward", ph["propagate"])]
-    for name, s in rows:
-        t.add_row(name, f"{s:.2f}", f"{100 * s / total:.1f}%")
-    t.add_row("total", f"{total:.2f}", "100%")
-    Console().print(t)
-    print(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB" +
-          (f", peak CUDA {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if dev.type == "cuda" else ""))
+    print_phases(f"GPTQ W{args.bits} g{args.group_size}, one Mixtral block hidden {args.hidden} / intermediate "
+                 f"{args.intermediate}, {args.experts} experts top-{args.top_k}, {n_batches * args.seq_len} tokens"
+                 f"{' (all experts)' if args.all_experts else ''}, {dev}, {torch.get_num_threads()} threads",
+                 result, total, dev)
     print(f"{len(result.modules)} modules quantized; tokens routed per expert: {result.expert_tokens}")
     experts = [m for m in result.modules if ".experts." in m.record.name]
     fell, damped = (sum(k in m.record.info for m in experts) for k in ("fallback", "few_tokens"))
