@@ -178,7 +178,8 @@ def compute_dtype(device: torch.device, store_dtype: torch.dtype) -> torch.dtype
 def moe_settings(model, recipe: Recipe) -> MoESettings:
     """The engine's MoE settings: fused experts to route (none for most models), the rare-expert rule."""
     m = recipe.moe
-    return MoESettings(CheckpointNames(model), m.calibrate_all_experts, m.min_tokens, m.dampening_frac)
+    return MoESettings(CheckpointNames(model), m.calibrate_all_experts, m.min_tokens, m.dampening_frac,
+                       m.experts_per_pass)
 
 
 def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.dtype = torch.float16,

@@ -18,7 +18,7 @@ from torch import nn
 
 from calq.calibration.adapters import attach_adapter
 from calq.calibration.blocks import block_output, find_linears, matches, to_device
-from calq.calibration.moe import MoESettings, few_token_hessians, list_experts, unfused
+from calq.calibration.moe import MoESettings, expert_passes, few_token_hessians, list_experts, unfused
 from calq.calibration.units import UnitInputs
 from calq.errors import CalqError
 from calq.methods.base import Adapter, Compressed, Packed, Replaced
@@ -343,6 +343,75 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                                 "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
             stream[j] = (out.cpu(), kwargs)
 
+    def calibrate(block, i, k, method, targets, linears, originals, routed, experts, fp_next, fp_outs):
+        """One calibration forward with the stage's hooks on `targets`, then the method on each of them.
+        Returns the block's full-precision outputs (fp_outs) once a forward computed them."""
+        t0 = time.perf_counter()
+        units = UnitInputs(block, f"{prefix}.{i}", targets)
+        hess = _Hessians(targets, "sample_covariance" in method.needs, massive_ratio)
+        on_fp = method.calibrate_on == "fp" and fp_inputs is not None
+        with hess, (units if "unit" in method.needs else nullcontext()), \
+                _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
+            want_fp = propagate == "fp" and fp_outs is None
+            outs = forward(block, fp_inputs if on_fp else stage_inputs.get(k, inputs), keep=want_fp)
+        if want_fp:
+            fp_outs = outs
+        del outs
+        for path, counts in routed.take_counts().items():
+            result.expert_tokens.setdefault(path, counts)
+        phases["stats_forward"] += time.perf_counter() - t0
+        phases["stats_accumulate"] += hess.seconds
+        seen, unreached = {}, {}
+        for name, mod in targets.items():
+            if name not in hess.owner and name in experts:
+                unreached[name] = mod           # an expert the router never chose
+                continue
+            if name not in hess.owner:
+                # e.g. Mamba's dt_proj: the model reads .weight directly, so no input is ever seen
+                result.skipped.append({"name": name, "reason": "its forward is never called, so no "
+                                       "calibration inputs were seen; left unquantized"})
+                continue
+            seen[name] = mod
+        stats = {}
+        for name in seen:
+            H, n = hess.of(name, robust=method.robust_statistics)
+            stats[name] = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
+                           "hessian_diag_all": hess.diag_all(name), "error_hessian": hess.of(name)[0],
+                           "input_absmean": hess.absmean_of(name), "input_absmax": hess.absmax_of(name),
+                           "original_weight": originals.get(name), "sample_covariance": hess.covariance_of(name),
+                           "input_owner": hess.owner[name], "excluded_tokens": hess.excluded_of(name)}
+        few = few_token_hessians(stats, experts, moe) if moe else {}
+        _fallbacks(unreached, method, scale_dtype, originals, result, phases)
+        if method.scope == "block":
+            t0 = time.time()
+            ctx = BlockContext(block, f"{prefix}.{i}", i, seen, stats, inputs, fp_inputs, fp_next, device,
+                               compute_dtype, progress)
+            weights = {n: m.weight.data.float().clone() for n, m in seen.items()}
+            records = method.apply_block(ctx)
+            seconds = (time.time() - t0) / max(len(records), 1)
+            for rec in records:
+                st = stats.get(rec.name, {})       # empty for a replaced submodule that is no Linear
+                rec.info.update(few.get(rec.name, {}))
+                _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("error_hessian"),
+                         originals.get(rec.name), st.get("tokens", 0), seconds, result, block, f"{prefix}.{i}",
+                         st.get("excluded_tokens", 0))
+            phases["methods"] += time.time() - t0
+            del hess, units, ctx
+            return fp_outs
+        for name, mod in seen.items():
+            t0 = time.time()
+            W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
+            st = stats[name]
+            if "unit" in method.needs:
+                st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], device)
+            rec = method.apply(name, W, st)
+            rec.info.update(few.get(name, {}))
+            _install(rec, mod, W, st["error_hessian"], originals.get(name), st["tokens"], time.time() - t0, result,
+                     excluded=st["excluded_tokens"])
+            phases["methods"] += time.time() - t0
+        del hess, units
+        return fp_outs
+
     # The full-precision path, for methods that train towards the original model's outputs (PTQ1.61).
     fp_inputs = [(h, kw) for h, kw in inputs] if any("fp_path" in s.needs for s in stages) else None
     # A copy of each block's weights only for the stages that read them (it doubles the block's memory).
@@ -390,70 +459,10 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                     _install(rec, mod, W, None, originals.get(name), 0, time.time() - t0, result)
                     phases["methods"] += time.time() - t0
                 continue
-            t0 = time.perf_counter()
-            units = UnitInputs(block, f"{prefix}.{i}", targets)
-            hess = _Hessians(targets, "sample_covariance" in method.needs, massive_ratio)
-            on_fp = method.calibrate_on == "fp" and fp_inputs is not None
-            with hess, (units if "unit" in method.needs else nullcontext()), \
-                    _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
-                want_fp = propagate == "fp" and fp_outs is None
-                outs = forward(block, fp_inputs if on_fp else stage_inputs.get(k, inputs), keep=want_fp)
-            if want_fp:
-                fp_outs = outs
-            del outs
-            for path, counts in routed.take_counts().items():
-                result.expert_tokens.setdefault(path, counts)
-            phases["stats_forward"] += time.perf_counter() - t0
-            phases["stats_accumulate"] += hess.seconds
-            seen, unreached = {}, {}
-            for name, mod in targets.items():
-                if name not in hess.owner and name in experts:
-                    unreached[name] = mod           # an expert the router never chose
-                    continue
-                if name not in hess.owner:
-                    # e.g. Mamba's dt_proj: the model reads .weight directly, so no input is ever seen
-                    result.skipped.append({"name": name, "reason": "its forward is never called, so no "
-                                           "calibration inputs were seen; left unquantized"})
-                    continue
-                seen[name] = mod
-            stats = {}
-            for name in seen:
-                H, n = hess.of(name, robust=method.robust_statistics)
-                stats[name] = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
-                               "hessian_diag_all": hess.diag_all(name), "error_hessian": hess.of(name)[0],
-                               "input_absmean": hess.absmean_of(name), "input_absmax": hess.absmax_of(name),
-                               "original_weight": originals.get(name), "sample_covariance": hess.covariance_of(name),
-                               "input_owner": hess.owner[name], "excluded_tokens": hess.excluded_of(name)}
-            few = few_token_hessians(stats, experts, moe) if moe else {}
-            _fallbacks(unreached, method, scale_dtype, originals, result, phases)
-            if method.scope == "block":
-                t0 = time.time()
-                ctx = BlockContext(block, f"{prefix}.{i}", i, seen, stats, inputs, fp_inputs, fp_next, device,
-                                   compute_dtype, progress)
-                weights = {n: m.weight.data.float().clone() for n, m in seen.items()}
-                records = method.apply_block(ctx)
-                seconds = (time.time() - t0) / max(len(records), 1)
-                for rec in records:
-                    st = stats.get(rec.name, {})       # empty for a replaced submodule that is no Linear
-                    rec.info.update(few.get(rec.name, {}))
-                    _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("error_hessian"),
-                             originals.get(rec.name), st.get("tokens", 0), seconds, result, block, f"{prefix}.{i}",
-                             st.get("excluded_tokens", 0))
-                phases["methods"] += time.time() - t0
-                del hess, units, ctx
-                continue
-            for name, mod in seen.items():
-                t0 = time.time()
-                W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
-                st = stats[name]
-                if "unit" in method.needs:
-                    st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], device)
-                rec = method.apply(name, W, st)
-                rec.info.update(few.get(name, {}))
-                _install(rec, mod, W, st["error_hessian"], originals.get(name), st["tokens"], time.time() - t0, result,
-                         excluded=st["excluded_tokens"])
-                phases["methods"] += time.time() - t0
-            del hess, units
+            # experts_per_pass: the Hessians of a few experts at a time, one calibration forward each
+            for part in expert_passes(targets, routed.experts, moe.experts_per_pass if moe else None):
+                fp_outs = calibrate(block, i, k, method, part, linears, originals, routed, experts, fp_next,
+                                    fp_outs)
         del originals
         moe_stack.close()           # the fused parameters hold every expert's result already
         # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).

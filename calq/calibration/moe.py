@@ -27,6 +27,7 @@ class MoESettings:
     calibrate_all_experts: bool = False
     min_tokens: int = 128           # fewer routed tokens: the expert's Hessian gets `dampening_frac` more damping
     dampening_frac: float = 0.1     # of mean diag(H), added to H; no token at all: the method's data-free fallback
+    experts_per_pass: int | None = None     # experts whose Hessians one calibration forward gathers (None: all)
 
 
 def _view(P: torch.Tensor, e: int, start: int, stop: int) -> nn.Linear:
@@ -190,3 +191,20 @@ def few_token_hessians(stats: dict[str, dict], experts: set[str], settings: MoES
         out[name] = {"few_tokens": {"tokens": n, "min_tokens": settings.min_tokens,
                                     "extra_dampening": settings.dampening_frac}}
     return out
+
+
+def expert_passes(targets: dict, fused: dict[str, str], per_pass: int | None) -> list[dict]:
+    """The stage's targets split into calibration passes: everything but the fused experts first, then
+    `per_pass` experts at a time (of every experts module in the block), so only their Hessians are held at
+    once: Mixtral-8x7B's eight down_proj Hessians alone are 8 × 14336² fp32 = 6.6 GB. None: one pass."""
+    experts = {n: m for n, m in targets.items() if n in fused}
+    if not per_pass or not experts:
+        return [targets]
+    groups: dict[int, dict] = {}
+    for n, m in experts.items():
+        groups.setdefault(int(n[len(fused[n]) + 1:].split(".")[0]), {})[n] = m
+    rest = {n: m for n, m in targets.items() if n not in fused}
+    order = sorted(groups)
+    chunks = [{n: m for e in order[j:j + per_pass] for n, m in groups[e].items()}
+              for j in range(0, len(order), per_pass)]
+    return ([rest] if rest else []) + chunks

@@ -65,6 +65,10 @@ class MoE(_Strict):
     # compressed by the method's data-free fallback (RTN for rtn/gptq), and the report records both.
     min_tokens: int = Field(128, ge=1)
     dampening_frac: float = Field(0.1, ge=0, le=10)
+    # Experts calibrated per forward pass (null: all at once). The non-expert targets go first, then this many
+    # experts at a time: RAM holds only their Hessians (Mixtral-8x7B: 8 × 0.8 GB for down_proj alone), at the
+    # cost of one more calibration forward per pass; later passes see the earlier passes' compressed weights.
+    experts_per_pass: int | None = Field(None, ge=1)
 
 
 class Evaluation(_Strict):

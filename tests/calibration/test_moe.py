@@ -389,3 +389,30 @@ def test_experts_in_a_module_list(tiny_llama_dir):
     named = validate_recipe({**RECIPE, "stages": [{"method": "rtn", "bits": 8, "group_size": 32,
                                                    "targets": ["re:.*mlp.gate$"]}]})
     assert len(compress_model(model, tok, named, torch.device("cpu"), torch.float32).modules) == 2
+
+
+def test_experts_per_pass_holds_a_few_hessians_at_a_time(tmp_path, tokenizer):
+    from calq.calibration.moe import expert_passes
+
+    names = {f"b.mlp.experts.{e}.{p}": "b.mlp.experts" for e in range(8) for p in ("gate_proj", "down_proj")}
+    targets = {"b.self_attn.q_proj": None, **dict.fromkeys(names)}
+    passes = expert_passes(targets, names, 3)
+    assert [len(p) for p in passes] == [1, 6, 6, 4] and list(passes[0]) == ["b.self_attn.q_proj"]
+    assert expert_passes(targets, names, None) == [targets]
+    path = _save("olmoe", tmp_path, tokenizer)
+    model, tok, dtype = calq.api.load_model(str(path))
+    seen = []
+    real = calq.calibration.engine._Hessians.__init__
+
+    def spy(self, targets, *a, **kw):
+        seen.append(sum(".experts." in n for n in targets))
+        real(self, targets, *a, **kw)
+
+    calq.calibration.engine._Hessians.__init__ = spy
+    try:
+        recipe = validate_recipe({"model": str(path), **RECIPE, "moe": {"experts_per_pass": 3}})
+        result = compress_model(model, tok, recipe, torch.device("cpu"), dtype)
+    finally:
+        calq.calibration.engine._Hessians.__init__ = real
+    assert seen == [0, 9, 9, 6] * 2                     # per block: attention, then 3 + 3 + 2 experts
+    assert len([m for m in result.modules if ".experts." in m.record.name]) == 2 * 8 * 3
