@@ -44,12 +44,8 @@ def main():
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     block = LlamaDecoderLayer(cfg, layer_idx=0).to(dtype)
     blocks = torch.nn.ModuleList([block])
-    n_batches = max(1, args.tokens // args.seq_len)
-    pos = torch.arange(args.seq_len)[None]
-    cos, sin = LlamaRotaryEmbedding(cfg)(torch.zeros(1, dtype=dtype), pos)
-    inputs = [(torch.randn(1, args.seq_len, args.hidden, dtype=dtype),
-               {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": None})
-              for _ in range(n_batches)]
+    inputs = random_inputs(LlamaRotaryEmbedding(cfg), args.tokens, args.seq_len, args.hidden, dtype)
+    n_batches = len(inputs)
     recipe = validate_recipe({"stages": [{"method": "gptq", "bits": args.bits, "group_size": args.group_size}]})
     stages = [METHODS["gptq"](recipe.stages[0])]
     if dev.type == "cuda":
@@ -58,9 +54,25 @@ def main():
     result = run_blocks(blocks, "model.layers", inputs, stages, dev, torch.float16)
     total = time.perf_counter() - t0
 
-    t = Table(title=f"GPTQ W{args.bits} g{args.group_size}, one block hidden {args.hidden} / "
-                    f"intermediate {args.intermediate}, {n_batches * args.seq_len} tokens, {dev}, "
-                    f"{torch.get_num_threads()} threads")
+    print_phases(f"GPTQ W{args.bits} g{args.group_size}, one block hidden {args.hidden} / intermediate "
+                 f"{args.intermediate}, {n_batches * args.seq_len} tokens, {dev}, {torch.get_num_threads()} threads",
+                 result, total, dev)
+    for m in result.modules:
+        print(f"  {m.record.name:40s} {m.seconds:7.2f}s  rel_error {m.rel_error:.4f}")
+
+
+def random_inputs(rotary, tokens: int, seq_len: int, hidden: int, dtype: torch.dtype) -> list:
+    """Random block inputs [(hidden [1, T, D], kwargs)], windows of seq_len covering `tokens`."""
+    pos = torch.arange(seq_len)[None]
+    cos, sin = rotary(torch.zeros(1, dtype=dtype), pos)
+    return [(torch.randn(1, seq_len, hidden, dtype=dtype),
+             {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": None})
+            for _ in range(max(1, tokens // seq_len))]
+
+
+def print_phases(title: str, result, total: float, dev: torch.device) -> None:
+    """The engine's time per phase as a table, then peak memory."""
+    t = Table(title=title)
     t.add_column("phase")
     t.add_column("seconds", justify="right")
     t.add_column("share", justify="right")
@@ -74,8 +86,6 @@ def main():
     Console().print(t)
     print(f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB" +
           (f", peak CUDA {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if dev.type == "cuda" else ""))
-    for m in result.modules:
-        print(f"  {m.record.name:40s} {m.seconds:7.2f}s  rel_error {m.rel_error:.4f}")
 
 
 if __name__ == "__main__":

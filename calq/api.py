@@ -14,6 +14,7 @@ from calq.calibration import offload as offload_lib
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
 from calq.calibration.engine import ModuleResult, PrepareContext, run_blocks, stage_targets
+from calq.calibration.experts import CheckpointNames
 from calq.calibration.loading import (
     check_causal_lm,
     is_calq_checkpoint,
@@ -22,9 +23,11 @@ from calq.calibration.loading import (
     quiet_transformers,
     source_info,
 )
+from calq.calibration.moe import MoESettings, expert_shapes
 from calq.calibration.offload import DiskBlocks, choose_offload, empty_model, streamed_window_losses
 from calq.errors import CalqError, ExpectationFailed, ModelError, RecipeError
 from calq.eval import memory
+from calq.eval.accounting import accounting
 from calq.eval.perplexity import kl_to_reference, perplexity
 from calq.eval.report import (
     AdapterRecord,
@@ -75,8 +78,10 @@ def _check_stages(recipe: Recipe, model) -> None:
     each Linear come in an order the checkpoint can hold."""
     prefix, blocks = find_blocks(model)
     linears = {}
+    names = CheckpointNames(model)
     for i, block in enumerate(blocks):
         linears.update(find_linears(block, f"{prefix}.{i}"))
+        linears.update(expert_shapes(block, f"{prefix}.{i}", names))
     acting: dict[str, list[int]] = {}       # Linear -> the stages that act on it, in order
     methods = [METHODS[stage.method](stage) for stage in recipe.stages]
     for i, (stage, method) in enumerate(zip(recipe.stages, methods, strict=True)):
@@ -135,7 +140,8 @@ def _load_disk(ref: str, dtype: torch.dtype | None = None, with_tokenizer: bool 
     reader = CheckpointReader(path)
     dtype = dtype or getattr(config, "dtype", None) or reader.first_dtype()
     model = empty_model(config, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    keys = set(model.state_dict()) - {tied_output_key(model)}
+    names, tied = reader.names(model), tied_output_key(model)      # the hub's names: fused experts per expert
+    keys = set(names.to_checkpoint(names.unfuse({k: v for k, v in model.state_dict().items() if k != tied})))
     if keys != set(reader.files) and reader.qconfig is None:    # a calq checkpoint stores packed names
         missing, extra = sorted(keys - set(reader.files)), sorted(set(reader.files) - keys)
         if not extra:
@@ -164,6 +170,13 @@ def _in_ram_ppl(model, device) -> Callable[[torch.Tensor, int], float]:
 def compute_dtype(device: torch.device, store_dtype: torch.dtype) -> torch.dtype:
     # CPUs have no fast fp16 matmul and bf16 loses too much for Hessians' inputs: fp32. Accelerators: as stored.
     return torch.float32 if device.type == "cpu" else store_dtype
+
+
+def moe_settings(model, recipe: Recipe) -> MoESettings:
+    """The engine's MoE settings: fused experts to route (none for most models), the rare-expert rule."""
+    m = recipe.moe
+    return MoESettings(CheckpointNames(model), m.calibrate_all_experts, m.min_tokens, m.dampening_frac,
+                       m.experts_per_pass)
 
 
 def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.dtype = torch.float16,
@@ -197,7 +210,7 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
         if progress:
             progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
         result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
-                            rest_dtype, onload, offload, own, cal.massive_token_ratio)
+                            rest_dtype, onload, offload, own, cal.massive_token_ratio, moe_settings(model, recipe))
         move_outside_blocks(model, blocks, "cpu", None)  # the blocks are on CPU already (or on meta, offloaded)
         return result
 
@@ -284,7 +297,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         t = time.time()
         hooks = {}
         if mode == "disk":
-            writer = ShardedWriter(tmp, len(disk.blocks) + 1, store_dtype)
+            writer = ShardedWriter(tmp, len(disk.blocks) + 1, store_dtype, CheckpointNames(model_))
             hooks = {"onload": disk.onload, "offload": _write_block(disk, writer)}
         result = compress_model(model_, tokenizer, recipe, dev, store_dtype, emit, **hooks)
         timings["compress"] = time.time() - t
@@ -301,6 +314,12 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             stats = write_checkpoint(model_.to(store_dtype), records, tmp, ignore)
         stats["dense_sizes"] = {n: m.weight.numel() for n, m in model_.named_modules()
                                 if isinstance(m, torch.nn.Linear)}
+        ckpt = CheckpointNames(model_)
+        stats["dense_sizes"].update({n: oc * ic for n, (oc, ic) in ckpt.expert_shapes().items()})
+        for m in result.modules:        # where `calq inspect` finds it, when the hub's name differs (Mixtral)
+            if ckpt.hub_name(m.record.name) != m.record.name:
+                m.record.info["checkpoint_name"] = ckpt.hub_name(m.record.name)
+        acct = accounting(stats["sizes"], find_blocks(model_)[0], {f"{m.record.name}.weight" for m in result.replaced})
         adapter_bytes = 0
         if result.adapters:
             adapter_bytes = write_adapter([a.adapter for a in result.adapters], tmp / ADAPTER_DIR, recipe.model,
@@ -359,7 +378,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             adapters=[AdapterRecord(name=a.adapter.name, method=a.adapter.method, rank=a.adapter.rank,
                                     rel_error_before=a.rel_error_before, rel_error_after=a.rel_error_after,
                                     info=a.adapter.info) for a in result.adapters],
-            checkpoint_bytes=stats["checkpoint_bytes"], gguf_bytes=stats.get("gguf_bytes"),
+            checkpoint_bytes=stats["checkpoint_bytes"], gguf_bytes=stats.get("gguf_bytes"), **acct,
+            expert_tokens=result.expert_tokens,
             dense_bytes=stats["dense_bytes"], quantized_weights=n_weights, evaluation=evals,
             evaluation_protocol=PROTOCOL,
             modules=[ModuleRecord(name=m.record.name, method=m.record.method, bits=m.record.bits,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from calq.calibration.adapters import attach_adapter
 from calq.calibration.blocks import block_output, find_linears, matches, to_device
+from calq.calibration.moe import MoESettings, expert_passes, few_token_hessians, list_experts, unfused
 from calq.calibration.units import UnitInputs
 from calq.errors import CalqError
 from calq.methods.base import Adapter, Compressed, Packed, Replaced
@@ -49,13 +50,17 @@ class EngineResult:
     replaced: list[ModuleResult] = field(default_factory=list)   # dense replacements (pruning)
     block_seconds: list[float] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)   # targets left as they were, with the reason
+    expert_tokens: dict = field(default_factory=dict)   # experts module -> tokens the router sent each expert
     # seconds in: calibration forwards (hooks included), statistics inside hooks, methods, propagation
     phase_seconds: dict = field(default_factory=lambda: {"stats_forward": 0.0, "stats_accumulate": 0.0,
                                                          "methods": 0.0, "propagate": 0.0})
 
 
-def stage_targets(linears: dict[str, nn.Linear], stage) -> dict[str, nn.Linear]:
-    return {n: m for n, m in linears.items() if matches(n, m, stage.targets) and not matches(n, m, stage.ignore)}
+def stage_targets(linears: dict[str, nn.Linear], stage, routers: set[str] = frozenset()) -> dict[str, nn.Linear]:
+    """The stage's Linears; MoE routers only when a target names them (a path or `re:`, not a class name)."""
+    named = [t for t in stage.targets if t.startswith("re:") or "." in t]
+    return {n: m for n, m in linears.items() if matches(n, m, stage.targets) and not matches(n, m, stage.ignore)
+            and (n not in routers or matches(n, m, named))}
 
 
 class _Hessians:
@@ -221,6 +226,32 @@ def _install(rec, mod: nn.Module, W, H, W0, n: int, seconds: float, result: Engi
         rec.W_hat = None        # export needs only codes and scales
 
 
+def _without_fused(targets: dict, fused: dict[str, str], method: Method, result: EngineResult) -> dict:
+    """Targets less the fused expert projections, which this method cannot store; recorded once per module."""
+    left = {fused[n] for n in targets if n in fused}
+    why = "adds adapters, which a PEFT checkpoint cannot put on fused experts" if method.adapters else \
+        "replaces whole blocks in calq's own format, which fused experts do not take"
+    result.skipped += [{"name": m, "reason": f"{method.name} {why}; its experts keep the other stages' weights"}
+                       for m in sorted(left)]
+    return {n: m for n, m in targets.items() if n not in fused}
+
+
+def _fallbacks(unreached: dict, method: Method, scale_dtype, originals: dict, result: EngineResult,
+               phases: dict) -> None:
+    """Experts no calibration token reached: the method's data-free fallback, or left as they are."""
+    for name, mod in unreached.items():
+        t0 = time.time()
+        W = mod.weight.data.float().clone()
+        rec = method.fallback(name, W, {"scale_dtype": scale_dtype})
+        if rec is None:
+            result.skipped.append({"name": name, "reason": f"no calibration token was routed to this expert and "
+                                   f"{method.name} needs data; left as it was"})
+            continue
+        rec.info.update(tokens=0, fallback="no calibration token was routed to this expert")
+        _install(rec, mod, W, None, originals.get(name), 0, time.time() - t0, result)
+        phases["methods"] += time.time() - t0
+
+
 @dataclass
 class BlockContext:
     """What a block-scope method (Method.scope == "block") gets for one block."""
@@ -272,7 +303,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                onload: Callable[[int, nn.Module], None] | None = None,
                offload: Callable[[int, nn.Module, EngineResult], None] | None = None,
                stage_inputs: dict[int, list] | None = None,
-               massive_ratio: float | None = None) -> EngineResult:
+               massive_ratio: float | None = None, moe: MoESettings | None = None) -> EngineResult:
     """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU.
 
     propagate: "quantized" feeds each block the outputs of the compressed blocks before it (GPTQ);
@@ -284,6 +315,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
     stage_inputs: {index in stages: [(hidden, kwargs)]} for stages calibrated on their own data; each such
     stream is carried through the compressed blocks like `inputs`.
     massive_ratio: tokens above this multiple of the median token energy stay out of the statistics (_Hessians).
+    moe: fused experts become per-expert Linear targets (calibration/moe.py); experts the router sends fewer than
+    moe.min_tokens tokens get a damped Hessian, and those it sends none the method's data-free `fallback`.
     """
     stage_inputs = stage_inputs or {}
     result = EngineResult()
@@ -310,8 +343,79 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                                 "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
             stream[j] = (out.cpu(), kwargs)
 
+    def calibrate(block, i, k, method, targets, linears, originals, routed, experts, fp_next, fp_outs):
+        """One calibration forward with the stage's hooks on `targets`, then the method on each of them.
+        Returns the block's full-precision outputs (fp_outs) once a forward computed them."""
+        t0 = time.perf_counter()
+        units = UnitInputs(block, f"{prefix}.{i}", targets)
+        hess = _Hessians(targets, "sample_covariance" in method.needs, massive_ratio)
+        on_fp = method.calibrate_on == "fp" and fp_inputs is not None
+        with hess, (units if "unit" in method.needs else nullcontext()), \
+                _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
+            want_fp = propagate == "fp" and fp_outs is None
+            outs = forward(block, fp_inputs if on_fp else stage_inputs.get(k, inputs), keep=want_fp)
+        if want_fp:
+            fp_outs = outs
+        del outs
+        for path, counts in routed.take_counts().items():
+            result.expert_tokens.setdefault(path, counts)
+        phases["stats_forward"] += time.perf_counter() - t0
+        phases["stats_accumulate"] += hess.seconds
+        seen, unreached = {}, {}
+        for name, mod in targets.items():
+            if name not in hess.owner and name in experts:
+                unreached[name] = mod           # an expert the router never chose
+                continue
+            if name not in hess.owner:
+                # e.g. Mamba's dt_proj: the model reads .weight directly, so no input is ever seen
+                result.skipped.append({"name": name, "reason": "its forward is never called, so no "
+                                       "calibration inputs were seen; left unquantized"})
+                continue
+            seen[name] = mod
+        stats = {}
+        for name in seen:
+            H, n = hess.of(name, robust=method.robust_statistics)
+            stats[name] = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
+                           "hessian_diag_all": hess.diag_all(name), "error_hessian": hess.of(name)[0],
+                           "input_absmean": hess.absmean_of(name), "input_absmax": hess.absmax_of(name),
+                           "original_weight": originals.get(name), "sample_covariance": hess.covariance_of(name),
+                           "input_owner": hess.owner[name], "excluded_tokens": hess.excluded_of(name)}
+        few = few_token_hessians(stats, experts, moe) if moe else {}
+        _fallbacks(unreached, method, scale_dtype, originals, result, phases)
+        if method.scope == "block":
+            t0 = time.time()
+            ctx = BlockContext(block, f"{prefix}.{i}", i, seen, stats, inputs, fp_inputs, fp_next, device,
+                               compute_dtype, progress)
+            weights = {n: m.weight.data.float().clone() for n, m in seen.items()}
+            records = method.apply_block(ctx)
+            seconds = (time.time() - t0) / max(len(records), 1)
+            for rec in records:
+                st = stats.get(rec.name, {})       # empty for a replaced submodule that is no Linear
+                rec.info.update(few.get(rec.name, {}))
+                _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("error_hessian"),
+                         originals.get(rec.name), st.get("tokens", 0), seconds, result, block, f"{prefix}.{i}",
+                         st.get("excluded_tokens", 0))
+            phases["methods"] += time.time() - t0
+            del hess, units, ctx
+            return fp_outs
+        for name, mod in seen.items():
+            t0 = time.time()
+            W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
+            st = stats[name]
+            if "unit" in method.needs:
+                st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], device)
+            rec = method.apply(name, W, st)
+            rec.info.update(few.get(name, {}))
+            _install(rec, mod, W, st["error_hessian"], originals.get(name), st["tokens"], time.time() - t0, result,
+                     excluded=st["excluded_tokens"])
+            phases["methods"] += time.time() - t0
+        del hess, units
+        return fp_outs
+
     # The full-precision path, for methods that train towards the original model's outputs (PTQ1.61).
     fp_inputs = [(h, kw) for h, kw in inputs] if any("fp_path" in s.needs for s in stages) else None
+    # A copy of each block's weights only for the stages that read them (it doubles the block's memory).
+    keep_originals = any("original_weight" in s.needs or s.calibrate_on != "current" or s.adapters for s in stages)
 
     for i, block in enumerate(blocks):
         t_block = time.time()
@@ -322,9 +426,15 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             onload(i, block)
         rest = rest_dtype or next(block.parameters()).dtype
         block.to(device, compute_dtype)
+        moe_stack = ExitStack()
+        routed = moe_stack.enter_context(unfused(block, f"{prefix}.{i}", moe))
+        result.skipped += [{"name": n, "reason": f"fused experts left in full precision: {r}"}
+                           for n, r in routed.left.items()]
         linears = find_linears(block, f"{prefix}.{i}")
+        listed, routers = list_experts(block, f"{prefix}.{i}")
+        experts = set(routed.experts) | listed
         # one block's weights before any stage: what "original_weight" and the adapters' errors refer to
-        originals = {n: m.weight.data.float().clone() for n, m in linears.items()}
+        originals = {n: m.weight.data.float().clone() for n, m in linears.items()} if keep_originals else {}
         fp_outs = None
         fp_next = None
         if fp_inputs is not None:
@@ -332,7 +442,9 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             fp_next = [block_output(block(h.to(device), **to_device(kw, device))).cpu() for h, kw in fp_inputs]
             phases["propagate"] += time.perf_counter() - t0
         for k, method in enumerate(stages):
-            targets = stage_targets(linears, method.config)
+            targets = stage_targets(linears, method.config, routers)
+            if method.adapters or method.scope == "block":
+                targets = _without_fused(targets, routed.experts, method, result)
             if not targets:
                 continue
             if method.data_free:
@@ -343,66 +455,16 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 for name, mod in targets.items():       # from the weights alone; no error measured
                     t0 = time.time()
                     W = mod.weight.data.float().clone()
-                    rec = method.apply(name, W, {"scale_dtype": scale_dtype, "original_weight": originals[name]})
-                    _install(rec, mod, W, None, originals[name], 0, time.time() - t0, result)
+                    rec = method.apply(name, W, {"scale_dtype": scale_dtype, "original_weight": originals.get(name)})
+                    _install(rec, mod, W, None, originals.get(name), 0, time.time() - t0, result)
                     phases["methods"] += time.time() - t0
                 continue
-            t0 = time.perf_counter()
-            units = UnitInputs(block, f"{prefix}.{i}", targets)
-            hess = _Hessians(targets, "sample_covariance" in method.needs, massive_ratio)
-            on_fp = method.calibrate_on == "fp" and fp_inputs is not None
-            with hess, (units if "unit" in method.needs else nullcontext()), \
-                    _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
-                want_fp = propagate == "fp" and fp_outs is None
-                outs = forward(block, fp_inputs if on_fp else stage_inputs.get(k, inputs), keep=want_fp)
-            if want_fp:
-                fp_outs = outs
-            del outs
-            phases["stats_forward"] += time.perf_counter() - t0
-            phases["stats_accumulate"] += hess.seconds
-            seen = {}
-            for name, mod in targets.items():
-                if name not in hess.owner:
-                    # e.g. Mamba's dt_proj: the model reads .weight directly, so no input is ever seen
-                    result.skipped.append({"name": name, "reason": "its forward is never called, so no "
-                                           "calibration inputs were seen; left unquantized"})
-                    continue
-                seen[name] = mod
-            stats = {}
-            for name in seen:
-                H, n = hess.of(name, robust=method.robust_statistics)
-                stats[name] = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
-                               "hessian_diag_all": hess.diag_all(name), "error_hessian": hess.of(name)[0],
-                               "input_absmean": hess.absmean_of(name), "input_absmax": hess.absmax_of(name),
-                               "original_weight": originals[name], "sample_covariance": hess.covariance_of(name),
-                               "input_owner": hess.owner[name], "excluded_tokens": hess.excluded_of(name)}
-            if method.scope == "block":
-                t0 = time.time()
-                ctx = BlockContext(block, f"{prefix}.{i}", i, seen, stats, inputs, fp_inputs, fp_next, device,
-                                   compute_dtype, progress)
-                weights = {n: m.weight.data.float().clone() for n, m in seen.items()}
-                records = method.apply_block(ctx)
-                seconds = (time.time() - t0) / max(len(records), 1)
-                for rec in records:
-                    st = stats.get(rec.name, {})       # empty for a replaced submodule that is no Linear
-                    _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("error_hessian"),
-                             originals.get(rec.name), st.get("tokens", 0), seconds, result, block, f"{prefix}.{i}",
-                             st.get("excluded_tokens", 0))
-                phases["methods"] += time.time() - t0
-                del hess, units, ctx
-                continue
-            for name, mod in seen.items():
-                t0 = time.time()
-                W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
-                st = stats[name]
-                if "unit" in method.needs:
-                    st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], device)
-                rec = method.apply(name, W, st)
-                _install(rec, mod, W, st["error_hessian"], originals[name], st["tokens"], time.time() - t0, result,
-                         excluded=st["excluded_tokens"])
-                phases["methods"] += time.time() - t0
-            del hess, units
+            # experts_per_pass: the Hessians of a few experts at a time, one calibration forward each
+            for part in expert_passes(targets, routed.experts, moe.experts_per_pass if moe else None):
+                fp_outs = calibrate(block, i, k, method, part, linears, originals, routed, experts, fp_next,
+                                    fp_outs)
         del originals
+        moe_stack.close()           # the fused parameters hold every expert's result already
         # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).
         t0 = time.perf_counter()
         if propagate == "fp" and fp_outs is not None:

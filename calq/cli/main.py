@@ -134,7 +134,11 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
         report = _run(api.compress, recipe, output, model=model, device=device, seed=seed,
                       num_samples=num_samples, seq_len=seq_len, evaluate=not no_eval, overwrite=overwrite,
                       progress=progress.update, offload=offload, allow_pickle=allow_pickle)
+    from calq.eval.report_md import untouched_warnings
+
     console.print(report_table(report))
+    for w in untouched_warnings(report.model_dump()):
+        console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     console.print(f"wrote [bold]{output}[/] (report.md, report.json)")
 
 
@@ -205,19 +209,31 @@ def export(checkpoint: Path = typer.Argument(..., help="A calq output directory 
 def inspect(path: Path = typer.Argument(..., help="A calq output directory."),
             as_json: bool = typer.Option(False, "--json")):
     """Per module: method, bits, layout, group size, effective bits/weight, bytes."""
-    from calq.export.inspect import inspect_checkpoint
+    from calq.export.inspect import checkpoint_summary, inspect_checkpoint, short_names
 
     rows = _run(inspect_checkpoint, path)
+    summary = checkpoint_summary(path)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"modules": rows, "summary": summary}, indent=2))
         return
     t = Table(title=str(path))
-    for c in ("module", "bits", "layout", "group", "sym", "bits/weight", "bytes", "note"):
+    t.add_column("module", no_wrap=True)
+    for c in ("bits", "layout", "group", "sym", "bits/weight", "bytes", "note"):
         t.add_column(c)
-    for r in rows:
-        t.add_row(r["name"], str(r["bits"]), r["layout"], _dash(r["group_size"]), _dash(r["symmetric"]),
+    # the other columns take about 50 of an 80-column terminal; module names keep their distinguishing tail
+    names = short_names([r["name"] for r in rows], max(20, console.width - 58))
+    for r, name in zip(rows, names, strict=True):
+        t.add_row(name, str(r["bits"]), r["layout"], _dash(r["group_size"]), _dash(r["symmetric"]),
                   f"{r['bits_per_weight']:.3f}", str(r["bytes"]), r["note"])
     console.print(t)
+    console.print(_summary_line(summary))
+
+
+def _summary_line(s: dict) -> str:
+    blocks = f"{s['bits_per_parameter_blocks']:.3f} bits per parameter over the blocks ({s['blocks']}, " \
+        f"{s['block_parameters']:,} parameters), " if s["bits_per_parameter_blocks"] else ""
+    return f"{blocks}{s['bits_per_parameter']:.3f} over the whole checkpoint ({s['parameters']:,} parameters, " \
+        f"{s['bytes'] / 2**20:.2f} MiB)"
 
 
 def _dash(v) -> str:

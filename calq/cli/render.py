@@ -58,7 +58,10 @@ def report_table(report) -> Table:
     for e in report.evaluation:
         t.add_row(e.dataset, str(e.windows), f"{e.baseline_ppl:.3f}", f"{e.ppl:.3f}",
                   f"{e.ppl / e.baseline_ppl:.4f}")
-    t.caption = (f"{report.bits_per_weight:.3f} bits/weight · checkpoint {report.checkpoint_bytes / 2**20:.2f} MiB "
+    bpp = f" · {report.bits_per_parameter_blocks:.3f} bits/parameter over the blocks" \
+        if report.bits_per_parameter_blocks is not None else ""
+    t.caption = (f"{report.bits_per_weight:.3f} bits/weight{bpp} · "
+                 f"checkpoint {report.checkpoint_bytes / 2**20:.2f} MiB "
                  f"(dense {report.dense_bytes / 2**20:.2f} MiB) · {report.timings['total']:.1f}s · "
                  f"peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB")
     return t

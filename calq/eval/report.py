@@ -69,6 +69,13 @@ class Report(BaseModel):
     gguf_bytes: int | None = None      # model.gguf, when output.format is gguf
     dense_bytes: int
     quantized_weights: int             # number of weights in quantized Linears
+    # every stored byte over every parameter: of the whole model, and of the repeated blocks (eval/accounting.py)
+    bits_per_parameter: float | None = None
+    bits_per_parameter_blocks: float | None = None
+    parameters: int = 0
+    block_parameters: int = 0
+    untouched_weights: list[dict] = Field(default_factory=list)  # big block weights no stage touched (warnings)
+    expert_tokens: dict = Field(default_factory=dict)   # MoE: experts module -> calibration tokens routed per expert
     evaluation: list[EvalResult] = Field(default_factory=list)
     evaluation_protocol: str = ""
     modules: list[ModuleRecord] = Field(default_factory=list)

@@ -18,6 +18,7 @@ def render_markdown(data: dict, out_dir: Path) -> None:
               f"- calq {data['calq_version']}, torch {data['torch']}, transformers {data['transformers']}, "
               f"compressed-tensors {data['compressed_tensors']}, Python {data['python']}",
               f"- bits per weight (quantized Linears, codes + scales + zeros): **{data['bits_per_weight']:.3f}**",
+              *_parameter_lines(data),
               f"- checkpoint {_mib(data['checkpoint_bytes'])} vs dense {_mib(data['dense_bytes'])}"
               + (f"; model.gguf {_mib(data['gguf_bytes'])}" if data.get("gguf_bytes") else ""),
               f"- time {data['timings']['total']:.1f} s, peak RSS {_mib(data['peak_rss_bytes'])}",
@@ -51,6 +52,7 @@ def render_markdown(data: dict, out_dir: Path) -> None:
         lines += [f"| {a['name']} | {a['rank']} | {a['rel_error_before']:.4f} | {a['rel_error_after']:.4f} |"
                   for a in ad]
         lines.append("")
+    lines += _untouched_lines(data) + _expert_lines(data)
     if data.get("skipped_modules"):
         lines += ["## Skipped modules", ""] + [f"- {m['name']}: {m['reason']}" for m in data["skipped_modules"]]
         lines.append("")
@@ -72,6 +74,46 @@ def _memory_lines(mem: dict) -> list[str]:
     pred = ", ".join(f"{k} {_mib(v)}" for k, v in mem["predicted"].items() if v)
     after = ", ".join(f"{k} {_mib(v)}" for k, v in mem["peak_rss_after"].items())
     return [f"- memory predicted: {pred}; peak RSS at the end of each phase: {after}"]
+
+
+def _parameter_lines(data: dict) -> list[str]:
+    if data.get("bits_per_parameter") is None:
+        return []
+    blocks = data.get("bits_per_parameter_blocks")
+    return [f"- bits per parameter (every stored byte over every parameter): **{blocks:.3f}** over the repeated "
+            f"blocks ({data['block_parameters']:,} parameters), {data['bits_per_parameter']:.3f} over the whole "
+            f"model ({data['parameters']:,})" if blocks is not None else
+            f"- bits per parameter: {data['bits_per_parameter']:.3f} over the whole model"]
+
+
+def untouched_warnings(data: dict) -> list[str]:
+    """One line per large block weight no stage touched (also printed by `calq compress`)."""
+    return [f"{u['name']} holds {100 * u['share']:.1f} % of a block's parameters ({u['blocks']} blocks) and was "
+            "left as it was" for u in data.get("untouched_weights") or []]
+
+
+def _untouched_lines(data: dict) -> list[str]:
+    warn = untouched_warnings(data)
+    return ["## Warnings", "", *[f"- {w}" for w in warn], ""] if warn else []
+
+
+def _expert_lines(data: dict) -> list[str]:
+    tokens = data.get("expert_tokens") or {}
+    if not tokens:
+        return []
+    lines = ["## Experts", "", "Calibration tokens the router sent each expert (first calibration forward).", "",
+             "| experts module | experts | min | median | max | none |", "|---|---|---|---|---|---|"]
+    for name, t in tokens.items():
+        s = sorted(t)
+        lines.append(f"| {name} | {len(t)} | {s[0]} | {s[len(s) // 2]} | {s[-1]} | {sum(x == 0 for x in t)} |")
+    few = [m for m in data["modules"] if "few_tokens" in m["info"]]
+    none = [m for m in data["modules"] if "fallback" in m["info"]]
+    min_tokens = data["recipe"].get("moe", {}).get("min_tokens", "?")
+    if few or none:
+        lines += ["", f"{len(none)} expert projections no calibration token reached were compressed without data "
+                  f"({', '.join(sorted({m['method'] for m in none})) or '-'}); {len(few)} saw fewer than "
+                  f"{min_tokens} tokens and solved on a damped Hessian."]
+    return lines + [""]
 
 
 def _massive_lines(data: dict) -> list[str]:

@@ -8,6 +8,7 @@ input dim by compressed-tensors' own `pack_to_int32`, so 3/5/6/7-bit use its den
 from __future__ import annotations
 
 import json
+import re
 
 import compressed_tensors
 import torch
@@ -89,16 +90,37 @@ def _unpack_zero(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Te
     return unpack_from_int32(rows, bits, torch.Size([shape[1], shape[0]])).t()
 
 
-def ct_quantization_config(records: list[Compressed], ignore: list[str]) -> dict:
-    """`quantization_config` for config.json: one config group per distinct weight scheme (formats.md §1.1)."""
+def expert_targets(names: list[str], others: set[str]) -> list[str]:
+    """`re:` targets matching the expert projections `names` (`{experts}.{e}.{proj}`) and none of `others`.
+
+    Loaders find an MoE layer's scheme by a name they make up: transformers takes the group whose `re:` target
+    mentions "experts", vLLM matches `{experts}.0.gate_proj` whatever the checkpoint calls the projection (w1).
+    So the most general form that still excludes the other names: any block index, any expert and projection."""
+    prefixes = sorted({n.rsplit(".", 2)[0] for n in names})
+    forms = [sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(p)) for p in prefixes}),
+             [re.escape(p) for p in prefixes]]
+    for alts in forms:
+        target = rf"^(?:{'|'.join(alts)})\.\d+\.[^.]+$"
+        if all(re.match(target, n) for n in names) and not any(re.match(target, n) for n in others):
+            return [f"re:{target}"]
+    return [f"re:^{re.escape(n)}$" for n in names]
+
+
+def ct_quantization_config(records: list[Compressed], ignore: list[str], experts: set[str] = frozenset()) -> dict:
+    """`quantization_config` for config.json: one config group per distinct weight scheme (formats.md §1.1), the
+    expert projections among the records (`experts`, checkpoint names) in groups of their own."""
     groups: dict[str, tuple[dict, list[str]]] = {}
     for rec in records:
         w = weight_scheme(rec)
-        groups.setdefault(json.dumps(w, sort_keys=True), (w, []))[1].append(rec.name)
+        key = json.dumps(w, sort_keys=True) + (" experts" if rec.name in experts else "")
+        groups.setdefault(key, (w, []))[1].append(rec.name)
+    everyone = {r.name for r in records} | set(experts)
+    targets = [expert_targets(names, everyone - set(names)) if key.endswith(" experts") else names
+               for key, (_, names) in groups.items()]
     config = QuantizationConfig(
         config_groups={
-            f"group_{i}": QuantizationScheme(targets=names, weights=_args(w), format=FORMAT)
-            for i, (w, names) in enumerate(groups.values())
+            f"group_{i}": QuantizationScheme(targets=t, weights=_args(w), format=FORMAT)
+            for i, ((w, _), t) in enumerate(zip(groups.values(), targets, strict=True))
         },
         format=FORMAT,
         quantization_status="compressed",

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from calq.calibration.experts import CheckpointNames
 from calq.errors import CalqError, ModelError
 from calq.export.ct import _unpack_zero, ct_dequantize
 from calq.export.peft import check_adapter
 from calq.export.qconfig import DAMAGED
-from calq.export.reader import INDEX, CheckpointReader, _scheme_for, check_ct_tensors, dense_config
+from calq.export.reader import INDEX, CheckpointReader, _scheme_for, check_ct_tensors, dense_config, module_at
 from calq.export.staging import staged
 from calq.export.writer import tied_output_key
 from calq.files import open_safetensors, read_json
@@ -114,7 +115,6 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
         raise CalqError(f"{src} has quant_method {method}; only compressed-tensors checkpoints convert to GPTQ",
                         "GPTQ cannot express calq's own formats (PTQ1.61, Quamba); keep the calq checkpoint")
     model = empty_model(config, torch.float16)
-    modules = dict(model.named_modules())
     reader = CheckpointReader(src)          # every header and the index, checked
     _check_keys(src, model, reader.files)
     if reader.adapter is not None:
@@ -130,8 +130,10 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
                 for k in [k for k in keys if k.endswith(".weight_packed")]:
                     name = k[: -len(".weight_packed")]
                     ct = {s: st.get_tensor(f"{name}.{s}") for s in _CT_SUFFIXES if f"{name}.{s}" in keys}
-                    scheme = _scheme_for(name, modules[name], qconfig)
-                    check_ct_tensors(name, ct, scheme, tuple(modules[name].weight.shape))
+                    scheme = _scheme_for(name, module_at(model, name), qconfig)
+                    # an expert projection fused in the model has no module: the fused shape is checked on load
+                    check_ct_tensors(name, ct, scheme, reader._linear_shape(model, name, ct["weight_shape"].tolist()
+                                                                            if "weight_shape" in ct else None))
                     _check_scheme(name, scheme, tuple(ct["weight_shape"].tolist()), uniform)
                     try:
                         gq = _gptq_tensors(ct, scheme)
@@ -171,7 +173,12 @@ def _check_keys(src: Path, model, files: dict[str, str]) -> None:
     others as they are, so a missing or foreign one would pass silently into the GPTQ checkpoint."""
     stored = {k.removesuffix(".weight_packed") + ".weight" if k.endswith(".weight_packed") else k
               for k in files if not k.endswith(_CT_SUFFIXES[1:])}
-    expected = set(model.state_dict()) - {tied_output_key(model)}
+    names = CheckpointNames(model)      # fused MoE experts are stored one tensor per expert, under hub names
+    keys = [k for k in model.state_dict() if k not in names.fused]
+    keys += [f"{n}.weight" for fp in names.fused.values() for n, _, _ in fp.names()]
+    tied = tied_output_key(model)
+    expected = set(names.to_checkpoint(dict.fromkeys(keys))) - ({names.to_checkpoint({tied: 0}).popitem()[0]}
+                                                                 if tied else set())
     if stored != expected:
         raise ModelError(f"{src} does not match its architecture: missing {sorted(expected - stored)[:3]}, "
                          f"unexpected {sorted(stored - expected)[:3]}", DAMAGED)

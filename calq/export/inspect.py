@@ -10,6 +10,12 @@ from calq.export.qconfig import DAMAGED, check_quantization_config
 from calq.files import open_safetensors, read_json
 
 VLLM_NOTE = {"block": "no vLLM kernel for block (per-input-channel) INT weights; loads in transformers"}
+ASYM_EXPERTS = "transformers' MoE loader reads no expert zero points; calq.load and vLLM do"
+
+
+def _fused(group: dict) -> bool:
+    """A config group of MoE experts (writer: a `re:` target naming them)."""
+    return any(t.startswith("re:") and "experts" in t for t in group.get("targets", []))
 
 
 def _group_of(name: str, groups: dict) -> tuple[str, dict]:
@@ -51,7 +57,7 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
     modules = read_json(report).get("modules", []) if report.is_file() else []
     if not isinstance(modules, list) or not all(isinstance(m, dict) and "name" in m for m in modules):
         raise ModelError(f"{report}: modules is not a list of module records", DAMAGED)
-    methods = {m["name"]: m.get("method", "?") for m in modules}
+    methods = {(m.get("info") or {}).get("checkpoint_name", m["name"]): m.get("method", "?") for m in modules}
     rows = []
     for name, meta in sorted((qcfg.get("calq_modules") or {}).items()):
         lost = [k for k in meta["tensors"] if f"{name}.{k}" not in sizes]
@@ -87,8 +93,83 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
         rows.append({"name": name, "method": methods.get(name, "?"), "bits": w.get("num_bits", 8),
                      "layout": "ic" if strategy == "block" else "oc", "strategy": strategy, "group_size": group,
                      "symmetric": w.get("symmetric", True), "shape": [oc, ic], "bytes": nbytes,
-                     "bits_per_weight": 8 * nbytes / (oc * ic), "note": VLLM_NOTE.get(strategy, "")})
+                     "bits_per_weight": 8 * nbytes / (oc * ic),
+                     "note": VLLM_NOTE.get(strategy, "")
+                     or (ASYM_EXPERTS if _fused(g) and not w.get("symmetric", True) else "")})
     return rows
+
+
+def _blocks_prefix(keys) -> str | None:
+    """The repeated-block prefix (`model.layers`): the `X.N.` whose index N takes the most values."""
+    seen: dict[str, set] = {}
+    for k in keys:
+        m = re.match(r"(.+?)\.(\d+)\.", k)
+        if m:
+            seen.setdefault(m[1], set()).add(m[2])
+    return max(seen, key=lambda p: len(seen[p])) if seen else None
+
+
+def checkpoint_summary(path: str | Path) -> dict:
+    """Bits per parameter over every stored tensor, of the whole checkpoint and of its repeated blocks, from the
+    files alone: a packed module counts the parameters of its weight_shape (GPTQ: of its qweight), a calq-format
+    one its n_weights."""
+    path = Path(path)
+    qcfg = read_json(path / "config.json").get("quantization_config") or {}
+    calq_modules = qcfg.get("calq_modules") or {}
+    sizes: dict[str, list[int]] = {}          # key -> [bytes, parameters]
+    for f in sorted(path.glob("*.safetensors")):
+        with open_safetensors(f) as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                nbytes = n * _itemsize(st.get_slice(k).get_dtype())
+                mod, _, suffix = k.rpartition(".")
+                owner = next((m for m in calq_modules if k.startswith(m + ".")), None)
+                if owner is not None:               # its n_weights on its first tensor
+                    n = calq_modules[owner]["n_weights"] if k == f"{owner}.{calq_modules[owner]['tensors'][0]}" else 0
+                elif suffix == "weight_shape":
+                    n = int(st.get_tensor(k).prod())
+                elif suffix == "qweight":
+                    n = shape[1] * shape[0] * 32 // qcfg.get("bits", 4)
+                elif suffix.startswith("weight_") or suffix in ("qzeros", "scales", "g_idx"):
+                    n = 0
+                sizes[k] = [nbytes, n]
+    prefix = _blocks_prefix(sizes)
+    blocks = [v for k, v in sizes.items() if prefix and k.startswith(prefix + ".")]
+
+    def bpp(vals):
+        n = sum(v[1] for v in vals)
+        return 8 * sum(v[0] for v in vals) / n if n else None
+    return {"blocks": f"{prefix}.*" if prefix else None, "bits_per_parameter_blocks": bpp(blocks),
+            "block_parameters": sum(v[1] for v in blocks), "bits_per_parameter": bpp(sizes.values()),
+            "parameters": sum(v[1] for v in sizes.values()), "bytes": sum(v[0] for v in sizes.values())}
+
+
+def short_names(names: list[str], width: int) -> list[str]:
+    """Names that fit `width` and still tell rows apart: the prefix they all share (`model.layers.`) dropped, then
+    the longest non-index parts left of the last (`block_sparse_moe`) replaced by `…`, so the block index, the expert
+    index and the projection stay: `model.layers.0.block_sparse_moe.experts.3.w1` -> `…0.….experts.3.w1`."""
+    if not names or max(map(len, names)) <= width:
+        return names
+    common = names[0]
+    for n in names[1:]:
+        while not n.startswith(common):
+            common = common[:-1]
+    cut = common.rfind(".") + 1
+    out = []
+    for n in names:
+        parts = n[cut:].split(".")
+        while len(".".join(parts)) + bool(cut) > width:
+            long = [i for i, p in enumerate(parts[:-1]) if not p.isdigit() and p != "…"]
+            if not long:
+                break
+            parts[max(long, key=lambda i: len(parts[i]))] = "…"
+        tail = ".".join(parts)
+        tail = ("…" + tail if cut else tail)
+        out.append(tail if len(tail) <= width else "…" + tail[-(width - 1):])
+    return out
 
 
 def _itemsize(dtype: str) -> int:

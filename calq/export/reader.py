@@ -5,7 +5,9 @@ Quantized modules are dequantized with `ct.ct_dequantize`, using the config grou
 module (exact name, `re:` regex or class name, formats.md §1.1); modules in calq's own format
 (`quantization_config.calq_modules`) by their method's `rebuild`. Safetensors only: nothing is unpickled.
 `CheckpointReader` reads tensors lazily, a few modules at a time, from one file or from shards listed in
-`model.safetensors.index.json`; disk offload uses it to fill one block at a time.
+`model.safetensors.index.json`; disk offload uses it to fill one block at a time. A model with fused MoE experts
+reads its hub checkpoint's per-expert tensors, dequantized one by one and stacked into the fused parameters
+(calibration/experts.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.utils import is_match
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from calq.calibration.experts import CheckpointNames
 from calq.errors import ModelError
 from calq.export.ct import ct_dequantize
 from calq.export.peft import ADAPTER_DIR, merge_adapter
@@ -28,6 +32,15 @@ _PACKED = ".weight_packed"
 _CT_NAMES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 INDEX = "model.safetensors.index.json"
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def module_at(model, name: str) -> nn.Module:
+    """The module at `name`, or a Linear standing in for an expert projection that exists only in the checkpoint
+    (fused in the model): checkpoints target those as Linears (llm-compressor writes `targets: [Linear]`)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return nn.Linear(1, 1, bias=False, device="meta")
 
 
 def _scheme_for(name: str, module, qconfig: dict) -> dict:
@@ -85,6 +98,13 @@ class CheckpointReader:
         self.qconfig = dense_config(self.path)[1]
         adapter = self.path / ADAPTER_DIR
         self.adapter = adapter if (adapter / "adapter_config.json").is_file() else None
+        self._names: tuple = (None, None)
+
+    def names(self, model) -> CheckpointNames:
+        """The model's checkpoint names (computed once per model: disk offload reads one block at a time)."""
+        if self._names[0] is not model:
+            self._names = (model, CheckpointNames(model))
+        return self._names[1]
 
     def first_dtype(self) -> torch.dtype:
         """dtype of the first floating tensor: what transformers' dtype="auto" falls back to."""
@@ -131,11 +151,22 @@ class CheckpointReader:
             if "weight_g_idx" in tensors:
                 raise ModelError(f"{name}: actorder group (weight_g_idx) is not supported; formats.md §1.1",
                                  "quantize without actorder: group, or with actorder: static")
-            module = _module(model, name)
-            scheme = _scheme_for(name, module, self.qconfig)
-            check_ct_tensors(name, tensors, scheme, tuple(module.weight.shape))
+            own = tensors["weight_shape"].tolist() if "weight_shape" in tensors else None
+            scheme = _scheme_for(name, module_at(model, name), self.qconfig)
+            check_ct_tensors(name, tensors, scheme, self._linear_shape(model, name, own))
             state[f"{name}.weight"] = ct_dequantize(tensors, scheme)
-        return state
+        return self.names(model).from_checkpoint(state)
+
+    def _linear_shape(self, model, name: str, own: list | None) -> tuple[int, int]:
+        """[OC, IC] of the Linear at `name`; an expert projection fused in the model has no module, and its own
+        tensors give the shape (the fused parameter's shape is checked when the experts are put back together)."""
+        try:
+            return tuple(model.get_submodule(name).weight.shape)
+        except AttributeError:
+            if own is None or len(own) != 2 or not self.names(model).active:
+                raise ModelError(f"the weights name {name}, which the architecture has no module for",
+                                 DAMAGED) from None
+            return int(own[0]), int(own[1])
 
     def _gptq_weight(self, model, name: str, state: dict) -> torch.Tensor:
         """A GPTQ-layout Linear (calq export, AutoGPTQ, GPTQModel; formats.md §2), dequantized in fp32."""
@@ -145,8 +176,9 @@ class CheckpointReader:
         if q.get("quant_method") != "gptq":
             raise ModelError(f"{name}.qweight found but quant_method is {q.get('quant_method')!r}, not gptq", DAMAGED)
         t = {n: state.pop(f"{name}.{n}") for n in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{n}" in state}
-        OC, IC = _module(model, name).weight.shape
         b = q["bits"]
+        own = [t["qweight"].shape[1], t["qweight"].shape[0] * 32 // b] if "qweight" in t else None
+        OC, IC = self._linear_shape(model, name, own)
         G = t["scales"].shape[0] if "scales" in t and t["scales"].dim() == 2 else 0
         want = {"qweight": (IC * b // 32, OC), "qzeros": (G, OC * b // 32), "scales": (G, OC), "g_idx": (IC,)}
         wrong = [n for n in ("qweight", "qzeros", "scales") if n not in t or tuple(t[n].shape) != want[n]]
@@ -183,13 +215,6 @@ class CheckpointReader:
             model.tie_weights()     # the output embedding still points at the tensor it was built with
         if self.adapter is not None:
             merge_adapter(model, self.adapter, keep=lambda name: keep(f"{name}.weight"))
-
-
-def _module(model, name: str):
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise ModelError(f"the weights name {name}, which the architecture has no module for", DAMAGED) from None
 
 
 def check_ct_tensors(name: str, t: dict[str, torch.Tensor], scheme: dict, shape: tuple[int, int]) -> None:

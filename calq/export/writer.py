@@ -6,16 +6,20 @@ Every tensor of the model's state dict is stored in the model's dtype, except th
 `model.safetensors.index.json` (formats.md §1.2). The caller owns the folder (`staging.staged`).
 `Packed` records (calq's own storage) make the checkpoint calq-only: quant_method "calq", their meta under
 `quantization_config.calq_modules`, and any compressed-tensors modules described by the usual groups.
+A model with fused MoE experts is stored under its hub checkpoint's names, one tensor per expert and projection
+(calibration/experts.py): what transformers and vLLM load.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from calq.calibration.experts import CheckpointNames
 from calq.export.ct import ct_quantization_config, ct_tensors
 from calq.methods.base import Compressed, Packed
 
@@ -29,10 +33,14 @@ def tied_output_key(model) -> str | None:
 
 
 def _stored(state: dict[str, torch.Tensor], records: list[Compressed | Packed], dtype: torch.dtype,
-            tied: str | None):
-    """(tensors as stored, their dense bytes, per-module byte counts) for part of a state dict."""
+            tied: str | None, names: CheckpointNames):
+    """(tensors as stored, their dense bytes, per-module byte counts, sizes) for part of a state dict. sizes: per
+    model-space key (fused experts split), [bytes stored, parameters it holds, dims, whether a record replaced it]:
+    what bits per parameter and the untouched-weights warning are computed from."""
+    state = names.unfuse(state)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     dense_bytes = sum(t.nbytes for t in tensors.values())
+    sizes = {k: [t.nbytes, t.numel(), t.dim(), False] for k, t in tensors.items()}
     modules = {}
     for rec in [r for r in records if isinstance(r, Packed)]:
         prefix = f"{rec.name}."
@@ -43,6 +51,8 @@ def _stored(state: dict[str, torch.Tensor], records: list[Compressed | Packed], 
         dense = sum(tensors.pop(k).nbytes for k in keys)
         tensors.update({prefix + k: v.contiguous() for k, v in rec.tensors.items()})
         nbytes = sum(v.nbytes for v in rec.tensors.values())
+        for j, k in enumerate(keys):
+            sizes[k][0], sizes[k][3] = (nbytes if j == 0 else 0), True
         modules[rec.name] = {"bytes": nbytes, "dense_bytes": dense, "bits_per_weight": 8 * nbytes / rec.n_weights}
     for rec in [r for r in records if not isinstance(r, Packed)]:
         key = f"{rec.name}.weight"
@@ -56,17 +66,20 @@ def _stored(state: dict[str, torch.Tensor], records: list[Compressed | Packed], 
         tensors.update({f"{rec.name}.{k}": v for k, v in ct.items()})
         nbytes = sum(v.nbytes for v in ct.values())
         modules[rec.name] = {"bytes": nbytes, "dense_bytes": W.nbytes, "bits_per_weight": 8 * nbytes / W.numel()}
-    return tensors, dense_bytes, modules
+        sizes[key][0], sizes[key][3] = nbytes, True
+    return names.to_checkpoint(tensors), dense_bytes, modules, sizes
 
 
-def _write_config(model, records: list[Compressed | Packed], ignore: list[str], out_dir: Path) -> None:
+def _write_config(model, records: list[Compressed | Packed], ignore: list[str], out_dir: Path,
+                  names: CheckpointNames) -> None:
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config.pop("quantization_config", None)
-    ct = [r for r in records if not isinstance(r, Packed)]
+    ct = [replace(r, name=names.hub_name(r.name)) for r in records if not isinstance(r, Packed)]
     if ct:
-        config["quantization_config"] = ct_quantization_config(ct, ignore)
-    calq_modules = {r.name: {"method": r.method, "tensors": sorted(r.tensors), "n_weights": r.n_weights,
+        experts = {names.hub_name(n) for n in names.expert_shapes()}
+        config["quantization_config"] = ct_quantization_config(ct, ignore, experts)
+    calq_modules = {names.hub_name(r.name): {"method": r.method, "tensors": sorted(r.tensors), "n_weights": r.n_weights,
                              "replaces": None if r.replaces is None else list(r.replaces), **r.meta}
                     for r in records if isinstance(r, Packed)}
     if calq_modules:
@@ -87,10 +100,12 @@ def write_checkpoint(model, records: list[Compressed | Packed], out_dir: Path, i
     tied = tied_output_key(model)
     if tied is not None:
         state.pop(tied)  # as save_pretrained does: the embedding is stored once
-    tensors, dense_bytes, modules = _stored(state, records, model.dtype, tied)
+    names = CheckpointNames(model)
+    tensors, dense_bytes, modules, sizes = _stored(state, records, model.dtype, tied, names)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    _write_config(model, records, ignore, out_dir)
-    return {"checkpoint_bytes": _files_bytes(out_dir), "dense_bytes": dense_bytes, "modules": modules}
+    _write_config(model, records, ignore, out_dir, names)
+    return {"checkpoint_bytes": _files_bytes(out_dir), "dense_bytes": dense_bytes, "modules": modules,
+            "sizes": sizes}
 
 
 class ShardedWriter:
@@ -100,12 +115,13 @@ class ShardedWriter:
     everything not yet written (embeddings, final norm, lm_head) as the last shard, the index and config.json.
     """
 
-    def __init__(self, out_dir: Path, n_shards: int, dtype: torch.dtype):
-        self.out_dir, self.n_shards, self.dtype = Path(out_dir), n_shards, dtype
+    def __init__(self, out_dir: Path, n_shards: int, dtype: torch.dtype, names: CheckpointNames):
+        self.out_dir, self.n_shards, self.dtype, self.names = Path(out_dir), n_shards, dtype, names
         self.weight_map: dict[str, str] = {}
         self.written: set[str] = set()          # state-dict keys already stored (before CT renaming)
         self.dense_bytes = 0
         self.modules: dict[str, dict] = {}
+        self.sizes: dict[str, list] = {}
         self.total_size = 0
         self.shards = 0
 
@@ -113,7 +129,7 @@ class ShardedWriter:
         """Write one shard: `state` keyed as in the model's state dict, `records` the quantized modules in it."""
         if self.shards == self.n_shards:
             raise ValueError(f"all {self.n_shards} shards are written already")
-        tensors, dense_bytes, modules = _stored(state, records, self.dtype, tied)
+        tensors, dense_bytes, modules, sizes = _stored(state, records, self.dtype, tied, self.names)
         self.shards += 1
         name = f"model-{self.shards:05d}-of-{self.n_shards:05d}.safetensors"
         save_file(tensors, str(self.out_dir / name), metadata={"format": "pt"})
@@ -121,6 +137,7 @@ class ShardedWriter:
         self.written.update(state)
         self.dense_bytes += dense_bytes
         self.modules.update(modules)
+        self.sizes.update(sizes)
         self.total_size += sum(t.nbytes for t in tensors.values())
 
     def finish(self, model, records: list[Compressed | Packed], ignore: list[str]) -> dict:
@@ -139,6 +156,6 @@ class ShardedWriter:
             raise ValueError(f"wrote {self.shards} shards, announced {self.n_shards}")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _write_config(model, records, ignore, self.out_dir)
+        _write_config(model, records, ignore, self.out_dir, self.names)
         return {"checkpoint_bytes": _files_bytes(self.out_dir), "dense_bytes": self.dense_bytes,
-                "modules": self.modules}
+                "modules": self.modules, "sizes": self.sizes}

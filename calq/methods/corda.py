@@ -64,6 +64,7 @@ class CorDA(Method):
     Config = CorDAConfig
     effect = "adapter+base"
     needs = ("sample_covariance",)
+    adapters = True
 
     def apply(self, name, W, stats) -> Adapter:
         cfg = self.config

@@ -106,6 +106,7 @@ class EoRA(Method):
     effect = "adapter"
     needs = ("hessian", "original_weight", "input_absmean")
     compensates = True
+    adapters = True
     calibrate_on = "original"
     robust_statistics = True
 

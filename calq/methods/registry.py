@@ -15,7 +15,8 @@ A method declares:
     and `model_records()`: `Packed` records of modules outside the blocks that `prepare` compressed and installed
     (Quamba2's embedding and lm_head), which join the block loop's records;
   - `effect`: what it leaves of a Linear, which decides the stage orders a checkpoint can hold (`order_problem`);
-  - optionally `check_shape`, `compensates`, `calibrate_on` and `robust_statistics` (below).
+  - optionally `check_shape`, `compensates`, `calibrate_on`, `robust_statistics`, `adapters` and `fallback`
+    (below).
 The engine never branches on a method's name; everything it needs is declared here.
 """
 
@@ -137,6 +138,8 @@ class Method:
     # "quantize": stored codes (Compressed, Packed); "prune": a dense weight (Replaced); "adapter": a side path
     # beside the weight (EoRA); "adapter+base": a side path and a new dense base weight (CorDA's residual)
     effect: str = "quantize"
+    # Its records are Adapters (EoRA, CorDA): fused MoE experts, which a PEFT adapter cannot wrap, are left out.
+    adapters: bool = False
     Config: type[StageConfig] = StageConfig
     needs: tuple[str, ...] = ()
 
@@ -150,6 +153,11 @@ class Method:
         """Works from the weights alone (RTN, magnitude pruning): the engine runs no calibration forward for it,
         and none at all when every stage is data-free; its per-layer error is then not measured."""
         return self.scope == "linear" and not self.needs and not self.compensates and self.calibrate_on == "current"
+
+    def fallback(self, name: str, W: torch.Tensor, stats: dict) -> Compressed | Replaced | None:
+        """A record for a target no calibration token reached (an expert the router never chose), from its weight
+        alone (stats: scale_dtype); None leaves it as it is (the report says so)."""
+        return None
 
     def check_shape(self, shape: tuple[int, int]) -> tuple[str, str] | None:
         """(recipe key, problem) if this stage's settings cannot apply to a Linear of shape [OC, IC], else None."""

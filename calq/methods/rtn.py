@@ -37,6 +37,14 @@ class WeightQuantMethod(Method):
     def needs(self):
         return ("unit",) if self.config.layout == "adadim" else ()
 
+    def fallback(self, name, W, stats) -> Compressed:
+        # round to nearest in the stage's format; adadim's choice needs data, so the usual layout
+        args = quant_args(self.config, stats["scale_dtype"])
+        codes, scale, zero, W_hat = quantize_rtn(W, args)
+        cfg = self.config
+        return Compressed(name, "rtn", cfg.bits, args.layout, cfg.group_size, cfg.symmetric, codes, scale, zero,
+                          W_hat, info={"fallback_from": self.name})
+
     def check_shape(self, shape):
         # adadim needs oc to divide; ic is only tried where it divides too (adadim.md pitfalls)
         msg = check_divides(shape, quant_args(self.config, torch.float16))

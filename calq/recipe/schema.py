@@ -1,7 +1,7 @@
 """The recipe: pydantic models with unknown keys rejected and errors that name the field path.
 
 Shape (names follow llm-compressor where the meaning is the same, formats.md §4):
-  model, calibration {dataset, num_samples, seq_len, seed, batch_size},
+  model, calibration {dataset, num_samples, seq_len, seed, batch_size}, moe {calibrate_all_experts, min_tokens},
   stages: [{method, targets, ignore, <method keys>}], evaluation {datasets, seq_len, max_windows},
   output {format}, expect {max_ppl_ratio, max_bits_per_weight}.
 Each stage is validated by its method's own Config, looked up by `method:` in the registry.
@@ -55,6 +55,22 @@ class Calibration(_Strict):
     _spec = field_validator("dataset")(classmethod(lambda cls, v: _check_spec(v)))
 
 
+class MoE(_Strict):
+    """Mixture-of-experts models: how each expert's statistics are gathered (calibration/moe.py)."""
+
+    # Every token through every expert for the statistics (the block's output still follows the router), as
+    # llm-compressor does; costs about n_experts / top_k times the experts' calibration compute.
+    calibrate_all_experts: bool = False
+    # An expert routed fewer tokens gets dampening_frac · mean(diag H) added to its Hessian; one routed none is
+    # compressed by the method's data-free fallback (RTN for rtn/gptq), and the report records both.
+    min_tokens: int = Field(128, ge=1)
+    dampening_frac: float = Field(0.1, ge=0, le=10)
+    # Experts calibrated per forward pass (null: all at once). The non-expert targets go first, then this many
+    # experts at a time: RAM holds only their Hessians (Mixtral-8x7B: 8 × 0.8 GB for down_proj alone), at the
+    # cost of one more calibration forward per pass; later passes see the earlier passes' compressed weights.
+    experts_per_pass: int | None = Field(None, ge=1)
+
+
 class Evaluation(_Strict):
     datasets: list[str] = Field(default_factory=lambda: ["stdlib:test"], min_length=1)   # none: use --no-eval
     seq_len: int = Field(512, ge=8)
@@ -83,6 +99,7 @@ class Expect(_Strict):
 class Recipe(_Strict):
     model: str = Field("zoo:llama", min_length=1)
     calibration: Calibration = Field(default_factory=Calibration)
+    moe: MoE = Field(default_factory=MoE)
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
