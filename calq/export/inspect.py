@@ -27,8 +27,32 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
     if not cfg_file.is_file():
         raise CalqError(f"{path} is not a model directory (no config.json)", "give a calq output directory")
     qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
+    kv = _kv_row(path)
     if not qcfg:
+        if kv:
+            return [kv]
         raise CalqError(f"{path} holds a dense model (no quantization_config)", "give a calq output directory")
+    rows = _weight_rows(path, qcfg)
+    return rows + ([kv] if kv else [])
+
+
+def _kv_row(path: Path) -> dict | None:
+    """The checkpoint's KV-cache method (kv_cache.json) as one row: bits per cached element, size vs fp16 KV."""
+    from calq.export.kv_cache import read_kv_json
+
+    data = read_kv_json(path)
+    if data is None:
+        return None
+    sm = data["summary"]
+    return {"name": "kv_cache", "method": sm["method"], "bits": sm["label"].split(":", 1)[1],
+            "layout": ", ".join(sm["streams"]), "strategy": "kv_cache", "group_size": sm["group_size"],
+            "symmetric": False, "shape": None, "bytes": data["factor_bytes"],
+            "bits_per_weight": sm["bits_per_element"], "kv_cache_ratio": sm["kv_cache_ratio"],
+            "note": f"KV cache {sm['kv_cache_ratio']:.3f}× fp16 KV; bits/weight = bits per cached element; "
+                    "bytes = stored factors"}
+
+
+def _weight_rows(path: Path, qcfg: dict) -> list[dict]:
     files = sorted(path.glob("*.safetensors"))
     sizes: dict[str, int] = {}
     shapes: dict[str, list[int]] = {}
