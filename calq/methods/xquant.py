@@ -309,13 +309,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def stream_bits_per_token(stream: Stream, G: int) -> float:
     """Stored bits per token of a fully grouped stream: codes, fp16 scale+min per group, fp16 channel 0.
-    Per-token: ceil(w/G) groups per token; per-channel: w groups per G tokens."""
+    Per-token: ceil(w/G) groups per token; per-channel: w groups per G tokens. Codes are packed 8 to `bits` bytes
+    per token row (per-token) or per block of G tokens (per-channel): b·w bits when 8 divides w (or w·G)."""
     w = stream.width - stream.keep_ch0
     extra = 16 * stream.keep_ch0
     if stream.bits == OFF:
         return 16 * stream.width
-    groups = math.ceil(w / G) if stream.axis == "token" else w / G
-    return stream.bits * w + 32 * groups + extra
+    if stream.axis == "token":
+        return 8 * stream.bits * math.ceil(w / 8) + 32 * math.ceil(w / G) + extra
+    return (8 * stream.bits * math.ceil(w * G / 8) + 32 * w) / G + extra
 
 
 def cache_bits_per_token(codecs: list[LayerCodec], G: int) -> float:
