@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 from calq.calibration import offload as offload_lib
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
-from calq.calibration.engine import ModuleResult, PrepareContext, run_blocks, stage_targets
+from calq.calibration.engine import EngineResult, ModuleResult, PrepareContext, run_blocks, stage_targets
 from calq.calibration.experts import CheckpointNames
 from calq.calibration.loading import (
     check_causal_lm,
@@ -42,6 +43,7 @@ from calq.export.peft import ADAPTER_DIR, write_adapter
 from calq.methods import METHODS
 from calq.methods.base import Packed
 from calq.methods.registry import order_problem
+from calq.methods.xquant import KVCacheSpec
 from calq.recipe.load import dump_recipe, load_recipe, merge_overrides
 from calq.recipe.schema import Evaluation, Recipe, validate_recipe
 from calq.zoo import resolve_model
@@ -260,6 +262,12 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             raise ModelError(f"{recipe.model} is a calq checkpoint; disk offload reads dense models",
                              "use --offload cpu")
         mode = "cpu"
+    cache_stages = [s for s in recipe.stages if METHODS[s.method].scope == "cache"]
+    if cache_stages and mode == "disk":
+        if offload == "disk":
+            raise CalqError("a KV-cache stage (xquant) needs the model in RAM", "use --offload cpu")
+        mode = "cpu"
+    weights_recipe = recipe.model_copy(update={"stages": [s for s in recipe.stages if s not in cache_stages]})
     with staged(output, overwrite) as tmp:
         timings: dict = {}
         t = time.time()
@@ -269,12 +277,12 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             model_, tokenizer, _ = load_model(recipe.model, dtype=None, allow_pickle=allow_pickle)
         store_dtype = next(p for p in model_.parameters() if not p.is_meta).dtype
         source = source_info(recipe.model)
-        _check_stages(recipe, model_)
-        if not all(METHODS[st.method](st).data_free for st in recipe.stages):
+        _check_stages(weights_recipe, model_)
+        if not all(METHODS[st.method](st).data_free for st in weights_recipe.stages):
             _check_positions(model_, recipe.calibration.seq_len, "calibration.seq_len")
         if evaluate:
             _check_positions(model_, recipe.evaluation.seq_len, "evaluation.seq_len")
-        predicted = memory.plan(recipe, model_, compute_dtype(dev, store_dtype), evaluate)
+        predicted = memory.plan(weights_recipe, model_, compute_dtype(dev, store_dtype), evaluate)
         memory.check(predicted, offload_lib.available_ram())
         timings["load"] = time.time() - t
         peaks = {"load": peak_rss_bytes()}
@@ -299,7 +307,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         if mode == "disk":
             writer = ShardedWriter(tmp, len(disk.blocks) + 1, store_dtype, CheckpointNames(model_))
             hooks = {"onload": disk.onload, "offload": _write_block(disk, writer)}
-        result = compress_model(model_, tokenizer, recipe, dev, store_dtype, emit, **hooks)
+        result = compress_model(model_, tokenizer, weights_recipe, dev, store_dtype, emit, **hooks) \
+            if weights_recipe.stages else EngineResult()
         timings["compress"] = time.time() - t
         peaks["compress"] = peak_rss_bytes()
         timings["per_block"] = [round(x, 3) for x in result.block_seconds]
@@ -320,6 +329,11 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             if ckpt.hub_name(m.record.name) != m.record.name:
                 m.record.info["checkpoint_name"] = ckpt.hub_name(m.record.name)
         acct = accounting(stats["sizes"], find_blocks(model_)[0], {f"{m.record.name}.weight" for m in result.replaced})
+        kv_record = None
+        if cache_stages:    # from the weights as written: the factors are those of the final k/v_proj
+            emit({"event": "phase", "name": "KV-cache factors"})
+            kv_record = _write_cache_stage(model_, cache_stages[0].spec(), tmp)
+            stats["checkpoint_bytes"] += kv_record.pop("file_bytes")
         adapter_bytes = 0
         if result.adapters:
             adapter_bytes = write_adapter([a.adapter for a in result.adapters], tmp / ADAPTER_DIR, recipe.model,
@@ -347,8 +361,9 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                 del disk
             else:
                 reloaded = load_checkpoint(tmp, dtype=torch.float32).to(dev)
-                after = _eval_all(_in_ram_ppl(reloaded, dev), tokenizer, recipe, windows_cache,
-                                  "the compressed checkpoint")
+                with _checkpoint_cache(reloaded, tmp):
+                    after = _eval_all(_in_ram_ppl(reloaded, dev), tokenizer, recipe, windows_cache,
+                                      "the compressed checkpoint")
                 del reloaded
             evals = [EvalResult(dataset=s, seq_len=recipe.evaluation.seq_len, windows=n, ppl=p,
                                 baseline_ppl=baseline[s][1]) for s, (n, p) in after.items()]
@@ -378,6 +393,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
             adapters=[AdapterRecord(name=a.adapter.name, method=a.adapter.method, rank=a.adapter.rank,
                                     rel_error_before=a.rel_error_before, rel_error_after=a.rel_error_after,
                                     info=a.adapter.info) for a in result.adapters],
+            kv_cache=kv_record,
             checkpoint_bytes=stats["checkpoint_bytes"], gguf_bytes=stats.get("gguf_bytes"), **acct,
             expert_tokens=result.expert_tokens,
             dense_bytes=stats["dense_bytes"], quantized_weights=n_weights, evaluation=evals,
@@ -406,6 +422,45 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
 
 def _notify(emit: Progress) -> Callable[[str], None]:
     return lambda msg: emit({"event": "phase", "name": msg})
+
+
+def _write_cache_stage(model, spec: KVCacheSpec, out_dir: Path) -> dict:
+    """kv_cache.json (+ kv_cache.safetensors) for a cache stage; the report's record of it."""
+    from calq.eval.kv_cache import KVRuntime
+    from calq.export.kv_cache import KV_JSON, KV_TENSORS, write_kv_cache
+
+    rt = KVRuntime(model, spec)
+    summary = rt.summary()
+    factor_bytes = write_kv_cache(out_dir, spec, rt.codecs, summary)
+    files = sum((out_dir / f).stat().st_size for f in (KV_JSON, KV_TENSORS) if (out_dir / f).is_file())
+    return {**summary, "factor_bytes": factor_bytes, "file_bytes": files}
+
+
+@contextmanager
+def kv_cache_applied(model, spec: KVCacheSpec | None, factors: dict | None = None):
+    """Within the block, `model` reads K and V from `spec`'s quantized cache (nothing changes when spec is None).
+    Yields the cache's size summary (or None)."""
+    if spec is None:
+        yield None
+        return
+    from calq.eval.kv_cache import KVRuntime
+    from calq.export.kv_cache import check_factors
+
+    rt = KVRuntime(model, spec, factors)
+    if factors is not None:
+        check_factors(rt.codecs)
+    rt.install()
+    try:
+        yield rt.summary()
+    finally:
+        rt.remove()
+
+
+def _checkpoint_cache(model, path: Path):
+    from calq.export.kv_cache import read_kv_cache
+
+    stored = read_kv_cache(path)
+    return kv_cache_applied(model, *(stored or (None, None)))
 
 
 def _n_weights(rec) -> int:
@@ -444,21 +499,37 @@ def _check_expect(recipe: Recipe, report: Report) -> dict | None:
 
 def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048, max_windows: int | None = None,
              device: str = "auto", batch_size: int = 8, progress: Progress | None = None,
-             offload: str = "auto", reference: str | None = None, allow_pickle: bool = False) -> list[dict]:
+             offload: str = "auto", reference: str | None = None, allow_pickle: bool = False,
+             kv_cache: str | KVCacheSpec | None = None, kv_base_layers: int = 3,
+             kv_group_size: int = 128) -> list[dict]:
     """Perplexity of a dense model (dir, hub id, zoo:NAME) or a calq checkpoint read back from disk.
 
     offload "disk" reads one block at a time from the safetensors files (as `compress --offload disk`), so a model
     larger than RAM can be scored; "auto" picks it when the files exceed half the available RAM.
-    reference: a model (typically the dense one) to report KL(reference ‖ target) per token against, alongside."""
+    reference: a model (typically the dense one) to report KL(reference ‖ target) per token against, alongside.
+    kv_cache: `METHOD:BITS` (xquant, xquant-cl, kivi, token) or a KVCacheSpec: every token's K and V come from that
+    quantized cache (kv_base_layers first layers at 4 bits, groups of kv_group_size). Without it, a checkpoint's
+    own kv_cache.json applies, if it has one."""
     from calq.calibration.data import parse_dataset_spec
+    from calq.export.kv_cache import read_kv_cache
 
     datasets = datasets or ["stdlib:test"]
     for spec in datasets:   # cheap checks before the model loads
         parse_dataset_spec(spec)
     _check_flags(Evaluation, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    if isinstance(kv_cache, str):
+        kv_cache = KVCacheSpec.parse(kv_cache, base_layers=kv_base_layers, group_size=kv_group_size)
     dev = resolve_device(device)
     emit = progress or (lambda e: None)
-    mode = choose_offload(offload, resolve_model(target, _notify(emit)))
+    path = resolve_model(target, _notify(emit))
+    stored = read_kv_cache(Path(path)) if kv_cache is None and Path(path).is_dir() else None
+    cache_spec, factors = (kv_cache, None) if kv_cache is not None else (stored or (None, None))
+    mode = choose_offload(offload, path)
+    if cache_spec is not None and mode == "disk":
+        if offload == "disk":
+            raise CalqError("a quantized KV cache needs the model in RAM (XQuant-CL runs layers in order per batch)",
+                            "use --offload cpu")
+        mode = "cpu"
     if reference is not None and mode == "disk":
         if offload == "disk":
             raise CalqError("--reference runs both models side by side, which disk offload does not do",
@@ -477,29 +548,34 @@ def evaluate(target: str, datasets: list[str] | None = None, seq_len: int = 2048
         ref_model.to(dev)
     source = source_info(target)
     _check_positions(model, seq_len, "--seq-len")
-    results = []
-    for spec in datasets:
-        w = evaluation_windows(load_text(spec, "evaluation"), tokenizer, seq_len, max_windows)
-        if disk is not None:       # block by block over all windows: progress is per dataset
-            ppl = score(w, batch_size)
-            if progress:
-                progress({"event": "eval", "dataset": spec, "done": w.shape[0], "total": w.shape[0]})
-        else:
-            cb = (lambda d, n, s=spec: progress({"event": "eval", "dataset": s, "done": d, "total": n})) \
-                if progress else None
-            ppl = perplexity(model, w, batch_size=batch_size, device=dev, on_batch=cb)
-        ppl = _finite(ppl, target, spec)
-        row = {"target": target, "dataset": spec, "seq_len": seq_len, "windows": int(w.shape[0]), "ppl": ppl,
-               "offload": mode, "source_format": source["format"]}
-        if source["format"] == "gguf":
-            row.update(gguf_file_type=source["file_type"], sha256=source["sha256"])
-        if ref_model is not None:
-            try:
-                row["kl_to_reference"] = kl_to_reference(model, w, ref_model, batch_size, dev)
-            except ValueError as e:
-                raise CalqError(f"--reference {reference}: {e}", "compare models with the same tokenizer") from e
-            row["reference"] = reference
-        results.append(row)
+    with kv_cache_applied(model, cache_spec, factors) as kv_summary:
+        results = []
+        for spec in datasets:
+            w = evaluation_windows(load_text(spec, "evaluation"), tokenizer, seq_len, max_windows)
+            if disk is not None:       # block by block over all windows: progress is per dataset
+                ppl = score(w, batch_size)
+                if progress:
+                    progress({"event": "eval", "dataset": spec, "done": w.shape[0], "total": w.shape[0]})
+            else:
+                cb = (lambda d, n, s=spec: progress({"event": "eval", "dataset": s, "done": d, "total": n})) \
+                    if progress else None
+                ppl = perplexity(model, w, batch_size=batch_size, device=dev, on_batch=cb)
+            ppl = _finite(ppl, target, spec)
+            row = {"target": target, "dataset": spec, "seq_len": seq_len, "windows": int(w.shape[0]), "ppl": ppl,
+                   "offload": mode, "source_format": source["format"]}
+            if source["format"] == "gguf":
+                row.update(gguf_file_type=source["file_type"], sha256=source["sha256"])
+            if kv_summary is not None:
+                row.update(kv_cache=kv_summary["label"], kv_cache_ratio=kv_summary["kv_cache_ratio"],
+                           kv_cache_ratio_nominal=kv_summary["kv_cache_ratio_nominal"],
+                           kv_cache_bits_per_element=kv_summary["bits_per_element"])
+            if ref_model is not None:
+                try:
+                    row["kl_to_reference"] = kl_to_reference(model, w, ref_model, batch_size, dev)
+                except ValueError as e:
+                    raise CalqError(f"--reference {reference}: {e}", "compare models with the same tokenizer") from e
+                row["reference"] = reference
+            results.append(row)
     return results
 
 

@@ -152,6 +152,12 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
                                          "half the available RAM."),
              reference: str | None = typer.Option(None, help="Also report KL(reference ‖ model) per token, e.g. "
                                                    "against the dense model the checkpoint came from."),
+             kv_cache: str | None = typer.Option(None, "--kv-cache", help="METHOD:BITS: take every token's K and V "
+                                                 "from a quantized cache; METHOD xquant, xquant-cl, kivi or token, "
+                                                 "BITS 2..8 (16: unquantized). Default: the checkpoint's own, if any."),
+             kv_base_layers: int = typer.Option(3, "--kv-base-layers", help="First layers kept at 4 bits (the "
+                                                "paper's Table 4); 0 for none."),
+             kv_group_size: int = typer.Option(128, "--kv-group-size", help="Values per (scale, min) group."),
              as_json: bool = typer.Option(False, "--json", help="One JSON object per dataset."),
              allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)):
     """Perplexity (GPTQ protocol: non-overlapping windows) of a model read back from disk."""
@@ -160,19 +166,23 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
 
     with EventProgress(err_console, transient=True) as progress:
         results = _run(api.evaluate, target, dataset, seq_len=seq_len, max_windows=max_windows, device=device,
-                       batch_size=batch_size, offload=offload, reference=reference, progress=progress.update,
+                       batch_size=batch_size, offload=offload, reference=reference, kv_cache=kv_cache,
+                       kv_base_layers=kv_base_layers, kv_group_size=kv_group_size, progress=progress.update,
                        allow_pickle=allow_pickle)
     if as_json:
         for r in results:
             print(json.dumps(r, allow_nan=False))       # NaN is no JSON; api.evaluate refuses it
         return
-    t = Table(title=f"perplexity of {target}")
-    cols = ("dataset", "seq_len", "windows", "ppl") + (("KL to reference",) if reference else ())
+    kv = results and "kv_cache" in results[0]
+    t = Table(title=f"perplexity of {target}" + (f" with KV cache {results[0]['kv_cache']}" if kv else ""))
+    cols = ("dataset", "seq_len", "windows", "ppl") + (("KL to reference",) if reference else ()) + \
+        (("KV cache / fp16 KV",) if kv else ())
     for c in cols:
         t.add_column(c)
     for r in results:
         kl = (f"{r['kl_to_reference']:.3e}",) if reference else ()
-        t.add_row(r["dataset"], str(r["seq_len"]), str(r["windows"]), f"{r['ppl']:.3f}", *kl)
+        ratio = (f"{r['kv_cache_ratio']:.3f}",) if kv else ()
+        t.add_row(r["dataset"], str(r["seq_len"]), str(r["windows"]), f"{r['ppl']:.3f}", *kl, *ratio)
     console.print(t)
 
 
@@ -208,7 +218,7 @@ def export(checkpoint: Path = typer.Argument(..., help="A calq output directory 
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="A calq output directory."),
             as_json: bool = typer.Option(False, "--json")):
-    """Per module: method, bits, layout, group size, effective bits/weight, bytes."""
+    """Per module: method, bits, layout, group size, effective bits/weight, bytes; and the KV-cache method."""
     from calq.export.inspect import checkpoint_summary, inspect_checkpoint, short_names
 
     rows = _run(inspect_checkpoint, path)

@@ -64,4 +64,8 @@ def report_table(report) -> Table:
                  f"checkpoint {report.checkpoint_bytes / 2**20:.2f} MiB "
                  f"(dense {report.dense_bytes / 2**20:.2f} MiB) · {report.timings['total']:.1f}s · "
                  f"peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB")
+    kv = report.kv_cache
+    if kv:
+        t.caption += (f" · KV cache {kv['label']}: {kv['bits_per_element']:.2f} bits/element, "
+                      f"{kv['kv_cache_ratio']:.3f}× fp16 KV (compressed ppl measured under it)")
     return t

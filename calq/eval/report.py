@@ -85,6 +85,9 @@ class Report(BaseModel):
     adapter_packed_bytes: int | None = None      # if A/B were quantized (adapter_bits): their packed size
     bits_per_weight_with_adapters: float | None = None
     expect: dict | None = None         # the recipe's bounds and whether each held
+    # a KV-cache stage (xquant): method, bits per layer, streams, bits per cached element, size vs fp16 KV
+    # (kv_cache_ratio: exact, partial groups counted; _nominal: the spec's (b + 32/G)·width formula), factor_bytes
+    kv_cache: dict | None = None
 
 
 def versions() -> dict:

@@ -24,6 +24,7 @@ def render_markdown(data: dict, out_dir: Path) -> None:
               f"- time {data['timings']['total']:.1f} s, peak RSS {_mib(data['peak_rss_bytes'])}",
               *_memory_lines(data.get("memory") or {}),
               *_massive_lines(data),
+              *_kv_lines(data.get("kv_cache")),
               *(["- calibration: none (every stage works from the weights alone); per-layer errors not measured"]
                 if data.get("data_free") else []), ""]
     if data["evaluation"]:
@@ -114,6 +115,15 @@ def _expert_lines(data: dict) -> list[str]:
                   f"({', '.join(sorted({m['method'] for m in none})) or '-'}); {len(few)} saw fewer than "
                   f"{min_tokens} tokens and solved on a damped Hessian."]
     return lines + [""]
+
+
+def _kv_lines(kv: dict | None) -> list[str]:
+    if not kv:
+        return []
+    return [f"- KV cache: **{kv['label']}**, group {kv['group_size']}, streams {', '.join(kv['streams'])}; "
+            f"{kv['bits_per_element']:.3f} bits per cached element, **{kv['kv_cache_ratio']:.3f}× the fp16 KV cache** "
+            f"(spec formula {kv['kv_cache_ratio_nominal']:.3f}×); factors {_mib(kv['factor_bytes'])}; the "
+            "compressed perplexity below is measured under this cache, the dense one with fp16 K and V"]
 
 
 def _massive_lines(data: dict) -> list[str]:

@@ -32,10 +32,41 @@ def inspect_checkpoint(path: str | Path) -> list[dict]:
     if not cfg_file.is_file():
         raise CalqError(f"{path} is not a model directory (no config.json)", "give a calq output directory")
     qcfg = read_json(cfg_file).get("quantization_config")
+    kv = _kv_row(path)
     if not qcfg:
+        if kv:
+            return [kv]
         raise CalqError(f"{path} holds a dense model (no quantization_config)", "give a calq output directory")
     check_quantization_config(qcfg, cfg_file)
-    files = sorted(path.glob("*.safetensors"))
+    rows = _weight_rows(path, qcfg)
+    return rows + ([kv] if kv else [])
+
+
+def _kv_row(path: Path) -> dict | None:
+    """The checkpoint's KV-cache method (kv_cache.json) as one row: bits per cached element, size vs fp16 KV."""
+    from calq.export.kv_cache import read_kv_json
+
+    data = read_kv_json(path)
+    if data is None:
+        return None
+    sm = data["summary"]
+    return {"name": "kv_cache", "method": sm["method"], "bits": sm["label"].split(":", 1)[1],
+            "layout": ", ".join(sm["streams"]), "strategy": "kv_cache", "group_size": sm["group_size"],
+            "symmetric": False, "shape": None, "bytes": data["factor_bytes"],
+            "bits_per_weight": sm["bits_per_element"], "kv_cache_ratio": sm["kv_cache_ratio"],
+            "note": f"KV cache {sm['kv_cache_ratio']:.3f}× fp16 KV; bits/weight = bits per cached element; "
+                    "bytes = stored factors"}
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The model's safetensors files (not the KV cache's factors)."""
+    from calq.export.kv_cache import KV_TENSORS
+
+    return sorted(f for f in path.glob("*.safetensors") if f.name != KV_TENSORS)
+
+
+def _weight_rows(path: Path, qcfg: dict) -> list[dict]:
+    files = _weight_files(path)
     sizes: dict[str, int] = {}
     shapes: dict[str, list[int]] = {}
     for f in files:
@@ -117,7 +148,7 @@ def checkpoint_summary(path: str | Path) -> dict:
     qcfg = read_json(path / "config.json").get("quantization_config") or {}
     calq_modules = qcfg.get("calq_modules") or {}
     sizes: dict[str, list[int]] = {}          # key -> [bytes, parameters]
-    for f in sorted(path.glob("*.safetensors")):
+    for f in _weight_files(path):
         with open_safetensors(f) as st:
             for k in st.keys():
                 shape = st.get_slice(k).get_shape()

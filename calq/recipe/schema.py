@@ -123,6 +123,16 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _cache_stages(self):
+        cache = [i for i, s in enumerate(self.stages) if METHODS[s.method].scope == "cache"]
+        if len(cache) > 1:
+            raise _StageError(cache[1], "method", "one KV-cache stage per recipe")
+        for i in cache:
+            if self.stages[i].calibration is not None:
+                raise _StageError(i, "calibration", "a KV-cache stage uses no data")
+        return self
+
+    @model_validator(mode="after")
     def _stage_streams(self):
         if self.calibration.propagate == "fp" and any(s.calibration for s in self.stages):
             raise _StageError(next(i for i, s in enumerate(self.stages) if s.calibration), "calibration",
