@@ -174,6 +174,9 @@ def test_bundled_recipe_runs_and_meets_expect(recipe, tmp_path):
         assert report.bits_per_weight == pytest.approx(quant[0]["bits"] + 16 / quant[0]["group_size"], abs=0.02)
     if quant:                                          # `calq inspect` reads the same facts from the files alone
         rows = {r["name"]: r for r in calq.inspect(out)}
+        kv = rows.pop("kv_cache", None)             # a cache stage's row: the cache, not a module
+        assert (kv is None) == (report.kv_cache is None)
+        assert kv is None or kv["kv_cache_ratio"] == report.kv_cache["kv_cache_ratio"]
         assert set(rows) == {m.name for m in report.modules}
         for m in report.modules:
             r = rows[m.name]
