@@ -190,7 +190,8 @@ def evaluate(target: str = typer.Argument(..., help="Dense model (dir, hub id, z
 def export(checkpoint: Path = typer.Argument(..., help="A calq output directory (compressed-tensors)."),
            output: Path = typer.Option(..., "--output", "-o", help="Output directory (gptq) or .gguf file (gguf)."),
            format: str = typer.Option("gptq", help="gptq: AutoGPTQ/GPTQModel v1 layout (qweight, qzeros, scales); "
-                                      "gguf: one llama.cpp file, Q4_0/Q8_0 blocks holding calq's own codes."),
+                                      "gguf: one llama.cpp file, Q4_0/Q4_1/Q8_0 blocks holding calq's own "
+                                      "codes."),
            embeddings: str = typer.Option("q8_0", help="gguf only: token embedding and output head as q8_0, f16 "
                                           "or f32."),
            overwrite: bool = typer.Option(False, "--overwrite")):

@@ -95,6 +95,8 @@ def _file_type(blocks: dict, dtype: str):
     types = {q for _, q in blocks.values()}
     if gguf.GGMLQuantizationType.Q4_0 in types:
         return gguf.LlamaFileType.MOSTLY_Q4_0
+    if gguf.GGMLQuantizationType.Q4_1 in types:
+        return gguf.LlamaFileType.MOSTLY_Q4_1
     if gguf.GGMLQuantizationType.Q8_0 in types:
         return gguf.LlamaFileType.MOSTLY_Q8_0
     return gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
@@ -173,40 +175,57 @@ BLOCK = 32
 def module_blocks(name: str, ct: dict[str, torch.Tensor], scheme: dict):
     """(uint8 blocks [OC, IC/32 · type size], GGML type) holding exactly the codes and scales of one CT module,
     or raise CalqError saying why GGUF cannot hold them. A group of g = k·32 columns becomes k blocks sharing
-    its scale, so GPTQ W4 g128 and per-channel weights convert too."""
+    its scale, so GPTQ W4 g128 and per-channel weights convert too. Asymmetric 4-bit codes become Q4_1 blocks:
+    code q - qmin, d = scale, m = -(zero - qmin)·scale, exact when that m is an fp16 (scheme q4_1's scales)."""
     import gguf
     from compressed_tensors.compressors.pack_quantized import unpack_from_int32
+
+    from calq.export.ct import _PACKED_ZP, _unpack_zero
 
     OC, IC = ct["weight_shape"].tolist()
     bits, g = scheme["num_bits"], scheme.get("group_size")
     g = IC if scheme["strategy"] == "channel" else g
+    asym = not scheme["symmetric"]
     why = None
     if scheme["strategy"] not in ("group", "channel"):
         why = "per-input-channel groups (layout ic / adadim) have no GGUF block format"
-    elif not scheme["symmetric"]:
-        why = "asymmetric zero points have no exact GGUF block format (Q4_1 stores a float minimum)"
+    elif asym and bits != 4:
+        why = f"asymmetric {bits}-bit zero points have no GGUF block format (Q4_1 is the asymmetric 4-bit one)"
     elif bits not in GGUF_BITS:
-        why = f"{bits}-bit codes have no GGUF block format of their own (Q4_0 and Q8_0 are 4- and 8-bit)"
+        why = f"{bits}-bit codes have no GGUF block format of their own (Q4_0, Q4_1 and Q8_0 are 4- and 8-bit)"
     elif g % BLOCK or IC % BLOCK:
         why = f"groups of {g} over {IC} inputs do not split into llama.cpp's blocks of {BLOCK}"
+    d = None if why else ct["weight_scale"].float().repeat_interleave(g // BLOCK, dim=1)    # [OC, IC/32]
+    if not why and asym:
+        zero = ct["weight_zero_point"]
+        zero = _unpack_zero(zero, bits, torch.Size([OC, IC // g])) if scheme["strategy"] in _PACKED_ZP else zero
+        m = -(zero.float().repeat_interleave(g // BLOCK, dim=1) + 8) * d                    # [OC, IC/32]
+        if not torch.equal(m.to(torch.float16).float(), m):
+            why = ("asymmetric zero points are exact in Q4_1 only when -zero·scale is an fp16 (scheme q4_1 "
+                   "rounds its scales so)")
+    if not why and not torch.equal(d.to(torch.float16).float(), d):
+        why = "its scales are not fp16 values (a bf16 or fp32 checkpoint's scales), which GGUF blocks store"
     if why:
-        raise CalqError(f"{name}: {why}", "quantize with scheme: q4_0 or q8_0 (or symmetric 4/8-bit groups of a "
-                        "multiple of 32, layout oc), or keep the compressed-tensors checkpoint")
-    qtype = getattr(gguf.GGMLQuantizationType, GGUF_BITS[bits])
+        raise CalqError(f"{name}: {why}", "quantize with scheme: q4_0, q4_1 or q8_0 (or symmetric 4/8-bit groups "
+                        "of a multiple of 32, layout oc), or keep the compressed-tensors checkpoint")
+    qtype = getattr(gguf.GGMLQuantizationType, "Q4_1" if asym else GGUF_BITS[bits])
     codes = unpack_from_int32(ct["weight_packed"], bits, torch.Size([OC, IC])).to(torch.int16)
-    d = ct["weight_scale"].to(torch.float16).repeat_interleave(g // BLOCK, dim=1)          # [OC, IC/32]
-    d_bytes = d.contiguous().view(torch.uint8).reshape(OC, IC // BLOCK, 2)
+
+    def fp16_bytes(x):
+        return x.to(torch.float16).contiguous().view(torch.uint8).reshape(OC, IC // BLOCK, 2)
+
+    head = [fp16_bytes(d)] + ([fp16_bytes(m)] if asym else [])
     q = codes.reshape(OC, IC // BLOCK, BLOCK)
     if bits == 4:       # byte j of a block: element j in the low nibble, j + 16 in the high one
         u = (q + 8).to(torch.uint8)
         body = u[..., :16] | (u[..., 16:] << 4)
     else:
         body = q.to(torch.int8).view(torch.uint8)
-    return torch.cat([d_bytes, body], dim=-1).reshape(OC, -1).numpy(), qtype
+    return torch.cat([*head, body], dim=-1).reshape(OC, -1).numpy(), qtype
 
 
 def export_gguf(src: str | Path, dst: str | Path, overwrite: bool = False, embeddings: str = "q8_0") -> dict:
-    """Write the calq checkpoint src as one llama.cpp GGUF file dst: its quantized Linears as Q4_0/Q8_0 blocks
+    """Write the calq checkpoint src as one llama.cpp GGUF file dst: its quantized Linears as Q4_0/Q4_1/Q8_0 blocks
     holding its own codes and scales (checked to dequantize to the very weights calq evaluated), the rest f16
     (norms f32), token embedding and output head as `embeddings`."""
     import gguf

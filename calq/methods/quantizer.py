@@ -4,7 +4,10 @@ Codes are signed, q in [-2^(b-1), 2^(b-1) - 1]; W_hat = (q - zero) * scale (form
 Symmetric: scale = absmax / ((2^b - 1) / 2), zero = 0. Asymmetric: scale = (max - min) / (2^b - 1),
 zero = round(qmin - min / scale), clamped, so 0.0 is always representable. scale_rule "gguf" takes llama.cpp's
 rules instead, so GGUF blocks hold calq's codes as they are: 4-bit (Q4_0) scale = the group's signed max / -8
-(the largest magnitude lands on -8 exactly; the scale may be negative), 8-bit (Q8_0) scale = absmax / 127.
+(the largest magnitude lands on -8 exactly; the scale may be negative), 8-bit (Q8_0) scale = absmax / 127;
+asymmetric 4-bit (Q4_1, w = q·d + m with fp16 d and m) keeps calq's asymmetric grid with the scale rounded to
+an fp16 whose 4 low mantissa bits are zero (7 significant bits), so that m = -(zero - qmin)·scale is an fp16 too
+and llama.cpp's q·d + m is (q - zero)·scale bit for bit (`gguf_q4_1_scale`).
 Scales are rounded to the checkpoint dtype *before* codes are computed, so dequantization on load
 reproduces calibration-time fake quantization exactly.
 
@@ -63,9 +66,23 @@ def qparams(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tenso
         return _round_scale(scale, args), None
     xmin = x.amin(-1).clamp(max=0.0)
     xmax = x.amax(-1).clamp(min=0.0)
-    scale = _round_scale((xmax - xmin) / (2**args.bits - 1), args)
+    scale = (xmax - xmin) / (2**args.bits - 1)
+    if args.scale_rule == "gguf":
+        scale = gguf_q4_1_scale(scale)
+    scale = _round_scale(scale, args)
     zero = torch.round(args.qmin - xmin / scale).clamp(args.qmin, args.qmax)
     return scale, zero
+
+
+def gguf_q4_1_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The nearest fp16 with its 4 low mantissa bits zero, as fp32, in [2^-20, 4352]. Times any integer 0..15 it
+    stays an exact fp16 (normal or subnormal; checked exhaustively in tests/methods/test_quantizer.py), so a
+    Q4_1 block's min m = -z·d is exact; the price is a scale off by at most 2^-7 of itself."""
+    bits = scale.clamp(min=0).to(torch.float16).view(torch.int16).int()
+    # round half up in the bit pattern; 16 = 2^-20, the smallest such nonzero fp16 (a zero scale stays zero);
+    # 0x6C40 = 4352, the largest whose 15 multiples stay finite
+    bits = torch.where(scale > 0, ((bits + 8) & ~15).clamp(16, 0x6C40), 0)
+    return bits.to(torch.int16).view(torch.float16).float()
 
 
 def _round_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:

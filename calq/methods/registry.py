@@ -82,6 +82,7 @@ class StageConfig(BaseModel):
 
 # GGUF block formats a stage can target: what they fix (export/gguf.py writes the codes as they are)
 SCHEMES = {"q4_0": {"bits": 4, "group_size": 32, "symmetric": True, "layout": "oc"},
+           "q4_1": {"bits": 4, "group_size": 32, "symmetric": False, "layout": "oc"},
            "q8_0": {"bits": 8, "group_size": 32, "symmetric": True, "layout": "oc"}}
 
 
@@ -102,7 +103,7 @@ class WeightQuantConfig(StageConfig):
     layout: Literal["oc", "ic", "adadim"] = "oc"   # adadim: per Linear, whichever has the lower unit error
     # A GGUF block format: sets the keys above and llama.cpp's scale rule (quantizer.py), so that
     # `calq export --format gguf` writes exactly the codes this stage chose, with no rounding of its own.
-    scheme: Literal["q4_0", "q8_0"] | None = None
+    scheme: Literal["q4_0", "q4_1", "q8_0"] | None = None
 
     @model_validator(mode="before")
     @classmethod

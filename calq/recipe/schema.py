@@ -84,7 +84,7 @@ class Evaluation(_Strict):
 
 
 class Output(_Strict):
-    # gguf: also write model.gguf for llama.cpp, its Linears as Q4_0/Q8_0 blocks holding the stages' own codes
+    # gguf: also write model.gguf for llama.cpp, its Linears as Q4_0/Q4_1/Q8_0 blocks holding the stages' own codes
     format: Literal["compressed-tensors", "gguf"] = "compressed-tensors"
     embeddings: Literal["q8_0", "f16", "f32"] = "q8_0"     # gguf only: token embedding and output head
 
@@ -114,12 +114,14 @@ class Recipe(_Strict):
             why = None
             if st.method not in ("rtn", "gptq", "prune"):
                 why = f"{st.method} makes what llama.cpp's block formats cannot hold (adapters, calq's own formats)"
-            elif st.method != "prune" and (st.bits not in (4, 8) or not st.symmetric or st.layout != "oc"
+            elif st.method != "prune" and not st.symmetric and st.scheme != "q4_1":
+                why = "GGUF holds asymmetric codes exactly only on scheme q4_1's grid (7-bit fp16 scales)"
+            elif st.method != "prune" and (st.bits not in (4, 8) or st.layout != "oc"
                                            or (st.group_size != -1 and st.group_size % 32)):
                 why = "GGUF holds symmetric 4- or 8-bit codes in groups of a multiple of 32 along inputs (layout oc)"
             if why:
                 raise _StageError(i, "method" if st.method not in ("rtn", "gptq", "prune") else "scheme",
-                                  f"output.format gguf: {why}; use scheme: q4_0 or q8_0")
+                                  f"output.format gguf: {why}; use scheme: q4_0, q4_1 or q8_0")
         return self
 
     @model_validator(mode="after")

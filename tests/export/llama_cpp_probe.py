@@ -3,7 +3,7 @@ JSON on stdout, the next-token log-likelihoods of a token sequence from llama.cp
 generated from a prompt, and the generation speed. A subprocess, because llama.cpp writes to the process's
 stderr and the bindings may be a patched copy (tests/export/llama_cpp_runtime.py).
 
-    python llama_cpp_probe.py MODEL.gguf REQUEST.json      # {"ids": [...], "prompt": [...], "new": 8}
+    python llama_cpp_probe.py MODEL.gguf REQUEST.json  # {"ids": [...], "prompt": [...], "new": 8, "threads": 2}
 """
 
 import json
@@ -39,7 +39,8 @@ def logits_of(llm, ids: list[int], start: int) -> np.ndarray:
 def main():
     path, request = sys.argv[1], json.loads(open(sys.argv[2]).read())
     ids, prompt, new = request["ids"], request["prompt"], request.get("new", 8)
-    llm = Llama(path, n_ctx=max(len(ids), len(prompt) + new) + 8, n_batch=512, n_threads=2, verbose=False)
+    llm = Llama(path, n_ctx=max(len(ids), len(prompt) + new) + 8, n_batch=512, n_threads=request.get("threads", 2),
+                verbose=False)
     lg = logits_of(llm, ids, 0).astype(np.float64)
     lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
     nll = [float(lse[i] - lg[i, ids[i + 1]]) for i in range(len(ids) - 1)]

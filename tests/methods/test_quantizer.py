@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from calq.methods.adadim import choose_layout
-from calq.methods.quantizer import QuantArgs, check_divides, quantize_rtn
+from calq.methods.quantizer import QuantArgs, check_divides, gguf_q4_1_scale, quantize_rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -49,3 +50,36 @@ def test_adadim_picks_the_layout_with_the_lower_unit_error():
     assert choice == "oc"
     choice, info = choose_layout(torch.randn(96, 128), args, unit_errors)           # ic cannot divide 96 rows
     assert choice == "oc" and "does not divide out_features 96" in info["reason"]
+
+
+def test_q4_1_scales_make_llama_cpps_arithmetic_exact():
+    """Every scale scheme q4_1 can produce (all of them: each positive fp16 rounded), with every zero point z and
+    code q of 4 bits: m = -z·d is an fp16, and q·d + m in fp32 (llama.cpp's dequantization, fused or not) is
+    (q - z)·d exactly, as is the same product in fp16 (a checkpoint dequantized in the model's dtype)."""
+    every = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    d = torch.unique(gguf_q4_1_scale(every))
+    assert d.numel() == 1733 and (d.to(torch.float16).float() == d).all()
+    normal = (every >= 2**-14) & (every <= 4352)
+    assert ((gguf_q4_1_scale(every) - every).abs() <= every * 2**-7)[normal].all()
+    assert gguf_q4_1_scale(torch.tensor([0.0, 1e-9])).tolist() == [0.0, 2**-20]
+    d64 = d.double().numpy()[:, None, None]                             # [S, 1, 1]
+    q = np.arange(16, dtype=np.float64)[None, :, None]                  # [1, 16 codes, 1]
+    z = np.arange(16, dtype=np.float64)[None, None, :]                  # [1, 1, 16 zero points]
+    m = (-z * d64).astype(np.float16)
+    assert (m.astype(np.float64) == -z * d64).all()
+    exact = (q - z) * d64
+    fp32 = d64.astype(np.float32) * q.astype(np.float32) + m.astype(np.float32)    # gguf.quants' order
+    assert (fp32.astype(np.float64) == exact).all()
+    assert (exact.astype(np.float16).astype(np.float64) == exact).all()
+
+
+def test_q4_1_grid_has_calqs_asymmetric_shape():
+    torch.manual_seed(0)
+    W = torch.randn(16, 64) * 0.02
+    codes, scale, zero, W_hat = quantize_rtn(W, QuantArgs(bits=4, group_size=32, symmetric=False,
+                                                          scale_rule="gguf"))
+    plain = quantize_rtn(W, QuantArgs(bits=4, group_size=32, symmetric=False))
+    bits = scale.to(torch.float16).view(torch.int16)
+    assert (bits & 15 == 0).all() and not (plain[1].to(torch.float16).view(torch.int16) & 15 == 0).all()
+    assert ((scale - plain[1]).abs() <= plain[1] * 2**-7).all()
+    assert torch.equal(W_hat, (codes.float() - zero.repeat_interleave(32, -1)) * scale.repeat_interleave(32, -1))
