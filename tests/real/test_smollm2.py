@@ -122,3 +122,17 @@ def test_group_size_128_is_refused_with_the_reason(tmp_path):
     r = CliRunner().invoke(app, ["compress", "gptq-w4g128", "--model", "zoo:smollm2", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "128 does not divide in_features 576" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_export_reads_back_as_the_checkpoint(tmp_path, windows):
+    """SmolLM2's GGUF round trip (tied head, 576 = 18 Q4_0 blocks of 32, GQA rotary permutation): transformers'
+    GGUF loader gives calq.load's logits of the same checkpoint, to fp16 storage of the unquantized tensors."""
+    out = tmp_path / "ck"
+    calq.compress(validate_recipe({"model": "zoo:smollm2", "stages": [{"method": "rtn", "scheme": "q4_0"}],
+                                   "output": {"format": "gguf", "embeddings": "f16"}}), out, evaluate=False,
+                  device="cpu")
+    ids = windows[:1, :256]
+    with torch.no_grad():
+        ours = calq.load(out)(ids).logits
+        theirs = load_model(str(out / "model.gguf"))[0](ids).logits
+    assert (ours - theirs).abs().max() < 1e-3 * ours.abs().max()
