@@ -85,11 +85,28 @@ def table(args) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | cache | base layers at 4 bits | KV size vs fp16 | WikiText-2 ppl | stdlib:test ppl |",
-             "|---|---|---|---|---|---|"]
+    """One line per (model, cache); perplexity and its change against the same model's fp16 row."""
+    lines = ["| model | cache | layers at 4 bits | KV size vs fp16 | WikiText-2 ppl | Δ | stdlib:test ppl | Δ |",
+             "|---|---|---|---|---|---|---|---|"]
+    fp16 = {r["model"]: r for r in rows if r["cache"] == "fp16"}
     for r in rows:
-        lines.append(f"| {r['model']} | {r['cache']} | {r['base_layers'] if r['base_layers'] is not None else '-'} | "
-                     f"{r['kv_cache_ratio']:.3f} | {r['wiki.test.raw']:.3f} | {r['stdlib:test']:.3f} |")
+        f = fp16[r["model"]]
+        d = [f"{100 * (r[k] / f[k] - 1):+.1f}%" if r is not f else "" for k in ("wiki.test.raw", "stdlib:test")]
+        base = "-" if r["base_layers"] is None else str(r["base_layers"])
+        lines.append(f"| {r['model']} | {r['cache']} | {base} | {r['kv_cache_ratio']:.3f} | "
+                     f"{r['wiki.test.raw']:.2f} | {d[0]} | {r['stdlib:test']:.2f} | {d[1]} |")
+    return "\n".join(lines)
+
+
+def ablation_markdown(rows: list[dict], table: list[dict]) -> str:
+    ref = {r["cache"]: r for r in table if r["model"] == "smollm2" and r["base_layers"] in (3, None)}
+    lines = ["| cache (Table 4 setting) | variant | KV size vs fp16 | WikiText-2 ppl | without it (main table) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        var = "channel 0 of the latents fp16" if r.get("keep_channel0_fp16") else "token 0 (sink) exact"
+        base = ref.get(r["cache"])
+        lines.append(f"| {r['cache']} | {var} | {r['kv_cache_ratio']:.3f} | {r['wiki.test.raw']:.2f} | "
+                     f"{base['wiki.test.raw']:.2f} |" if base else "| - |")
     return "\n".join(lines)
 
 
@@ -176,8 +193,15 @@ def main():
     ap.add_argument("--diagnose", action="store_true")
     ap.add_argument("--ablate", action="store_true", help="smollm2: channel 0 fp16, sink token exact")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--markdown-from", default=None, help="TABLE.json[,ABLATE.json]: print the tables, run nothing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.markdown_from:
+        files = [json.loads(Path(f).read_text()) for f in args.markdown_from.split(",")]
+        print(markdown(files[0]))
+        if len(files) > 1:
+            print("\n" + ablation_markdown(files[1], files[0]))
+        return
     print(f"load average at start: {os.getloadavg()}", flush=True)
     if args.diagnose:
         diagnose(args)
