@@ -112,8 +112,10 @@ def ablation_markdown(rows: list[dict], table: list[dict]) -> str:
 
 @torch.no_grad()
 def diagnose(args) -> None:
-    """Relative error of K and V (pre-RoPE) per layer, each layer's streams quantized from the model's own X, on
-    the window's first token (SmolLM2's attention sink) and on the others; and the sink's X and K magnitudes."""
+    """On one window: the sink token's X against the others'; X's outlier channels and the 4-bit error of X per
+    token vs the SVD latents (some layers); relative error of K and V (pre-RoPE) per layer at 3 bits without base
+    layers, each layer's streams quantized from the model's own X, on the window's first token (SmolLM2's
+    attention sink) and on the others."""
     from calq.eval.kv_cache import KVRuntime
 
     model, tok = load(args.models.split(",")[0])
@@ -126,6 +128,26 @@ def diagnose(args) -> None:
         h.remove()
     print("sink token: max|X| / median over others' max|X|, per layer:",
           [round(float(xs[i][0, 0].abs().max() / xs[i][0, 1:].abs().amax(-1).median()), 1) for i in sorted(xs)])
+    from calq.methods.xquant import Stream, svd_factors
+
+    def rel(a, b):
+        return round(float((a - b).norm() / b.norm()), 3)
+
+    for i in (0, 3, 8, 15, 22, 29):     # X's outlier channels and 4-bit errors, token 0 left out
+        X = xs[i][:, 1:].float()
+        cmax = X.abs().amax(1)[0]
+        top = cmax.topk(4)
+        attn = model.model.layers[i].self_attn
+        K, V = attn.k_proj(X), attn.v_proj(X)
+        Xq = fake_quantize(X, Stream("x", X.shape[-1], 4, "token"), 128)
+        f = svd_factors(attn.k_proj.weight, attn.v_proj.weight, False)
+        d_kv = f["U_k"].shape[1]
+        Kl = fake_quantize(X @ f["U_k"], Stream("xu_k", d_kv, 4, "channel"), 128) @ f["F_k"]
+        Vl = fake_quantize(X @ f["U_v"], Stream("xu_v", d_kv, 4, "token"), 128) @ f["F_v"]
+        print(f"layer {i}: channel max|X| top 4 {[round(v, 1) for v in top.values.tolist()]} at "
+              f"{top.indices.tolist()}, median {float(cmax.median()):.2f}; 4-bit relative error, X per token: "
+              f"X {rel(Xq, X)} K {rel(attn.k_proj(Xq), K)} V {rel(attn.v_proj(Xq), V)}; SVD latents: "
+              f"K {rel(Kl, K)} V {rel(Vl, V)}")
     for row in [f"{m}:3" for m in ("kivi", "token", "xquant", "xquant-cl")]:
         rt = KVRuntime(model, KVCacheSpec.parse(row, base_layers=0))
         acc, errs = None, []
