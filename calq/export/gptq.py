@@ -177,8 +177,8 @@ def _check_keys(src: Path, model, files: dict[str, str]) -> None:
     keys = [k for k in model.state_dict() if k not in names.fused]
     keys += [f"{n}.weight" for fp in names.fused.values() for n, _, _ in fp.names()]
     tied = tied_output_key(model)
-    expected = set(names.to_checkpoint(dict.fromkeys(keys))) - ({names.to_checkpoint({tied: 0}).popitem()[0]}
-                                                                 if tied else set())
+    expected = set(names.to_checkpoint(dict.fromkeys(keys))) - set(names.to_checkpoint(dict.fromkeys([tied] if tied
+                                                                                                   else [])))
     if stored != expected:
         raise ModelError(f"{src} does not match its architecture: missing {sorted(expected - stored)[:3]}, "
                          f"unexpected {sorted(stored - expected)[:3]}", DAMAGED)
