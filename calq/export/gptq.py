@@ -132,7 +132,7 @@ def export_gptq(src: str | Path, dst: str | Path, overwrite: bool = False) -> di
                     ct = {s: st.get_tensor(f"{name}.{s}") for s in _CT_SUFFIXES if f"{name}.{s}" in keys}
                     scheme = _scheme_for(name, module_at(model, name), qconfig)
                     # an expert projection fused in the model has no module: the fused shape is checked on load
-                    check_ct_tensors(name, ct, scheme, reader._linear_shape(model, name, ct["weight_shape"].tolist()
+                    check_ct_tensors(name, ct, scheme, reader.linear_shape(model, name, ct["weight_shape"].tolist()
                                                                             if "weight_shape" in ct else None))
                     _check_scheme(name, scheme, tuple(ct["weight_shape"].tolist()), uniform)
                     try:

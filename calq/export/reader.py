@@ -153,11 +153,11 @@ class CheckpointReader:
                                  "quantize without actorder: group, or with actorder: static")
             own = tensors["weight_shape"].tolist() if "weight_shape" in tensors else None
             scheme = _scheme_for(name, module_at(model, name), self.qconfig)
-            check_ct_tensors(name, tensors, scheme, self._linear_shape(model, name, own))
+            check_ct_tensors(name, tensors, scheme, self.linear_shape(model, name, own))
             state[f"{name}.weight"] = ct_dequantize(tensors, scheme)
         return self.names(model).from_checkpoint(state)
 
-    def _linear_shape(self, model, name: str, own: list | None) -> tuple[int, int]:
+    def linear_shape(self, model, name: str, own: list | None) -> tuple[int, int]:
         """[OC, IC] of the Linear at `name`; an expert projection fused in the model has no module, and its own
         tensors give the shape (the fused parameter's shape is checked when the experts are put back together)."""
         try:
@@ -178,7 +178,7 @@ class CheckpointReader:
         t = {n: state.pop(f"{name}.{n}") for n in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{n}" in state}
         b = q["bits"]
         own = [t["qweight"].shape[1], t["qweight"].shape[0] * 32 // b] if "qweight" in t else None
-        OC, IC = self._linear_shape(model, name, own)
+        OC, IC = self.linear_shape(model, name, own)
         G = t["scales"].shape[0] if "scales" in t and t["scales"].dim() == 2 else 0
         want = {"qweight": (IC * b // 32, OC), "qzeros": (G, OC * b // 32), "scales": (G, OC), "g_idx": (IC,)}
         wrong = [n for n in ("qweight", "qzeros", "scales") if n not in t or tuple(t[n].shape) != want[n]]
