@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,14 +60,9 @@ def calq_gguf(work: Path, scheme: str, args) -> Path:
 
 
 def llama_cpp_probe(llama_cpp, path: Path, ids: list[int], args) -> dict:
-    req = path.with_suffix(".request.json")
-    req.write_text(json.dumps({"ids": ids, "prompt": ids[:512], "new": args.new, "threads": args.threads}))
-    env = {**os.environ, **({"PYTHONPATH": llama_cpp} if llama_cpp else {})}
-    r = subprocess.run([sys.executable, str(ROOT / "tests/export/llama_cpp_probe.py"), str(path), str(req)],
-                       capture_output=True, text=True, env=env)
-    if not r.stdout.strip():
-        raise RuntimeError(f"llama.cpp failed on {path}: {r.stderr[-2000:]}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    from llama_cpp_runtime import probe
+
+    out = probe(llama_cpp, path, {"ids": ids, "prompt": ids[:512], "new": args.new, "threads": args.threads}, 3600)
     return {k: out[k] for k in ("ppl", "prompt_tokens_per_s", "tokens_per_s")}
 
 

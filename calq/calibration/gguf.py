@@ -82,6 +82,16 @@ def load_dtype(path: Path) -> torch.dtype:
     return torch.bfloat16 if any(t.tensor_type.name == "BF16" for t in reader.tensors) else torch.float16
 
 
+def _config_overrides(path: Path) -> dict:
+    """Hyperparameters the GGUF holds but transformers' GGUF config mapping drops: a head size other than
+    hidden/heads (Qwen3's 128 at hidden 1024 and 16 heads) is read from `{arch}.attention.key_length`."""
+    reader = _reader(path)
+    arch = _field(reader, "general.architecture")
+    key, hidden, heads = (_field(reader, f"{arch}.{k}") for k in ("attention.key_length", "embedding_length",
+                                                                  "attention.head_count"))
+    return {"head_dim": int(key)} if key and hidden and heads and key != hidden // heads else {}
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype | None, with_tokenizer: bool = True):
     """(dense transformers model on CPU, tokenizer or None) from a GGUF file; dtype None: `load_dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -92,7 +102,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None, with_tokenizer: bool 
     try:
         with _silent_dequantize():
             model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True))
+                path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
+                **_config_overrides(path))
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if with_tokenizer else None
     except (ValueError, KeyError, NotImplementedError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -2,9 +2,9 @@
 
 Follows llama.cpp's conversion conventions (convert_hf_to_gguf.py, read for facts): tensor names from
 `gguf.get_tensor_name_map`; q/k rows of Llama-family models permuted from Hugging Face's rotate-half layout to
-llama.cpp's interleaved rotary layout; 1-D tensors (norms) in F32; `{arch}.*` hyperparameters; a byte-level BPE
-tokenizer as `tokenizer.ggml.model = gpt2` with its tokens, token types and merges. Written to a temporary
-file and renamed, so a failure leaves nothing behind.
+llama.cpp's interleaved rotary layout; 1-D tensors (norms) in F32; `{arch}.*` hyperparameters; the tokenizer as
+llama.cpp tokenizes: byte-level BPE as `gpt2` with its merges and pre-tokenizer name, SentencePiece BPE as `llama`
+with scores. Written to a temporary file and renamed, so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import torch
 from calq.errors import CalqError
 from calq.export.writer import tied_output_key
 
-# transformers class -> GGUF architecture whose q/k llama.cpp expects in the interleaved rotary layout
-ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+# transformers class -> (GGUF architecture, q/k rows permuted): llama.cpp's `llama` rotates interleaved pairs, so
+# HF's rotate-half rows are permuted for it; `qwen2`/`qwen3` use the NEOX (rotate-half) layout HF has.
+ARCHS = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
+         "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False)}
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
 
@@ -38,6 +40,9 @@ def _rope_theta(config) -> float:
 
 
 def _hparams(writer, config) -> None:
+    if getattr(config, "use_sliding_window", False):
+        raise CalqError("the model uses sliding-window attention, which GGUF export does not write yet",
+                        "export a model with full attention")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_context_length(config.max_position_embeddings)
@@ -55,35 +60,107 @@ def _hparams(writer, config) -> None:
         writer.add_value_length(head_dim)
 
 
+# llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`), recognised by the split regex a tokenizer.json declares
+# before its byte-level step; llama-vocab.cpp holds the same expressions under these names.
+SPLITS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+": "qwen2",
+}
+TOKEN_UNKNOWN, TOKEN_BYTE = 2, 6
+
+
+def _bpe_pre(pre: dict) -> str | None:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer, or None when llama.cpp has none that splits alike."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"         # single digits, then GPT-2's expression (SmolLM's tokenizer.json)
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and \
+            steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+        return SPLITS.get(steps[0].get("pattern", {}).get("Regex"))
+    return None
+
+
+def _sentencepiece(data: dict) -> bool | None:
+    """add_space_prefix for a SentencePiece-converted BPE (byte fallback, ▁ for spaces), None if it is not one."""
+    model, norm, pre = data["model"], data.get("normalizer") or {}, data.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm] if norm else []
+    if any(s.get("type") == "Replace" and s.get("content") == "\u2581" for s in steps) and not pre:
+        return any(s.get("type") == "Prepend" and s.get("prepend") == "\u2581" for s in steps)
+    if pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581" and not steps:
+        return pre.get("prepend_scheme", "always") in ("always", "first")
+    return None
+
+
+def _merge_scores(model: dict) -> dict[str, float]:
+    """SentencePiece scores from BPE merges: llama.cpp's SPM tokenizer merges the pair whose joined piece scores
+    highest, a Hugging Face BPE the pair of lowest rank, so a piece scores minus the rank of its first merge."""
+    scores: dict[str, float] = {}
+    for rank, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        scores.setdefault(a + b, -float(rank))
+    return scores
+
+
 def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer as llama.cpp's `gpt2` model: tokens by id, their types, merges, specials."""
+    """The tokenizer as llama.cpp reads it: a byte-level BPE as model `gpt2` with its merges and pre-tokenizer
+    name, a SentencePiece-converted BPE as model `llama` with scores and byte tokens; specials and template."""
     data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, pre = data["model"], data.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise CalqError(f"only byte-level BPE tokenizers with GPT-2 splitting are written to GGUF so far; this one "
-                        f"is {model.get('type')} with pre-tokenizer {pre.get('type')}",
-                        "export a model with a GPT-2 style tokenizer")
+    model = data["model"]
+    pre = _bpe_pre(data.get("pre_tokenizer") or {}) if model.get("type") == "BPE" else None
+    space_prefix = _sentencepiece(data)
+    if pre is None and space_prefix is None:
+        p = data.get("pre_tokenizer") or {}
+        kinds = [x.get("type") for x in p.get("pretokenizers", [p])]
+        raise CalqError(f"llama.cpp has no tokenizer that splits text as this one does ({model.get('type')} with "
+                        f"pre-tokenizer {'+'.join(map(str, kinds))}); GGUF export writes byte-level BPE (GPT-2, "
+                        f"SmolLM, Llama 3, Qwen2 splitting) and SentencePiece BPE",
+                        "export a model with one of those tokenizers")
     added = {t["id"]: t for t in data.get("added_tokens", [])}
     by_id = {i: t for t, i in model["vocab"].items()} | {i: t["content"] for i, t in added.items()}
-    tokens, types = [], []
+    scores = _merge_scores(model) if pre is None else {}
+    unk = model.get("unk_token")
+    floor = -float(len(model.get("merges", [])) + 1)     # pieces no merge makes: after every merge
+    tokens, types, values = [], [], []
     for i in range(vocab_size):
         if i not in by_id:          # padding rows of an embedding larger than the vocabulary
             tokens.append(f"[PAD{i}]")
             types.append(TOKEN_USER_DEFINED)
+            values.append(floor)
             continue
-        tokens.append(by_id[i])
-        types.append(TOKEN_NORMAL if i not in added else TOKEN_CONTROL if added[i]["special"] else TOKEN_USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+        t = by_id[i]
+        tokens.append(t)
+        if i in added:
+            types.append(TOKEN_CONTROL if added[i]["special"] else TOKEN_USER_DEFINED)
+        elif pre is None and t == unk:
+            types.append(TOKEN_UNKNOWN)
+        elif pre is None and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(TOKEN_BYTE)
+        else:
+            types.append(TOKEN_NORMAL)
+        values.append(0.0 if len(t) == 1 or i in added else scores.get(t, floor))
+    writer.add_tokenizer_model("gpt2" if pre else "llama")
+    writer.add_tokenizer_pre(pre or "default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    if pre:
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    else:
+        writer.add_token_scores(values)
+        writer.add_add_space_prefix(space_prefix)
     for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
         tid = getattr(tokenizer, key, None)
         if tid is not None:
             add(int(tid))
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    writer.add_add_eos_token(bool(getattr(tokenizer, "add_eos_token", False)))
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         writer.add_chat_template(template)
@@ -111,7 +188,7 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", name: str
     token_embd and output (q8_0 rounded by the gguf package, as llama.cpp's quantize does); default dtype."""
     import gguf
 
-    arch = ARCHS.get(type(model).__name__)
+    arch, permute = ARCHS.get(type(model).__name__, (None, False))
     if arch is None:
         raise CalqError(f"GGUF export supports {', '.join(ARCHS)}; this model is {type(model).__name__}",
                         "export one of those architectures")
@@ -126,7 +203,7 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", name: str
         writer.add_file_type(_file_type(blocks or {}, dtype))
         _hparams(writer, config)
         _tokenizer(writer, tokenizer, config.vocab_size)
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
         tied = tied_output_key(model)      # stored once, as token_embd; llama.cpp ties when output is absent
         n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or \
             config.num_attention_heads
@@ -136,9 +213,9 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "f16", name: str
                 continue
             gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise CalqError(f"no GGUF name for tensor {key}", "this model has tensors llama.cpp's llama "
+                raise CalqError(f"no GGUF name for tensor {key}", f"this model has tensors llama.cpp's {arch} "
                                 "architecture does not know")
-            heads = n_head if key.endswith("self_attn.q_proj.weight") else \
+            heads = None if not permute else n_head if key.endswith("self_attn.q_proj.weight") else \
                 n_kv if key.endswith("self_attn.k_proj.weight") else None
             if blocks and key in blocks:
                 data, qtype = blocks[key]

@@ -4,6 +4,7 @@ generated from a prompt, and the generation speed. A subprocess, because llama.c
 stderr and the bindings may be a patched copy (tests/export/llama_cpp_runtime.py).
 
     python llama_cpp_probe.py MODEL.gguf REQUEST.json  # {"ids": [...], "prompt": [...], "new": 8, "threads": 2}
+    # or {"texts": [...]}: llama.cpp's own tokenization of each text (with BOS as the file asks), nothing run
 """
 
 import json
@@ -38,6 +39,11 @@ def logits_of(llm, ids: list[int], start: int) -> np.ndarray:
 
 def main():
     path, request = sys.argv[1], json.loads(open(sys.argv[2]).read())
+    if "texts" in request:
+        llm = Llama(path, n_ctx=64, n_threads=1, verbose=False)
+        print(json.dumps({"tokens": [llm.tokenize(t, add_special=True) for t in request["texts"]]}), flush=True)
+        llm.close()
+        return
     ids, prompt, new = request["ids"], request["prompt"], request.get("new", 8)
     llm = Llama(path, n_ctx=max(len(ids), len(prompt) + new) + 8, n_batch=512, n_threads=request.get("threads", 2),
                 verbose=False)

@@ -10,6 +10,8 @@ of llama.cpp's own code changes: this is the real client, made loadable.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shutil
 import struct
 import subprocess
@@ -34,8 +36,6 @@ def _loads(pythonpath: str | None) -> str | None:
     """None if llama.cpp loads from this path (None: the installed package), else the error's last line."""
     code = "from llama_cpp_py_sync._cffi_bindings import get_lib; get_lib()"
     env = {"PYTHONPATH": pythonpath} if pythonpath else {}
-    import os
-
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["failed"])[-1]
 
@@ -75,3 +75,15 @@ def runtime(cache: Path) -> tuple[str | None, str]:
             so.write_bytes(bytes(data))
     error = _loads(str(cache))
     return (str(cache), "patched copy (glibc 2.38 shim)") if error is None else (None, f"patched copy: {error}")
+
+
+def probe(llama_cpp: str, model: Path, request: dict, timeout: float = 600) -> dict:
+    """Run llama_cpp_probe.py on model with request (see there) in a subprocess; its JSON answer."""
+    req = model.with_suffix(".request.json")
+    req.write_text(json.dumps(request))
+    env = {**os.environ, **({"PYTHONPATH": llama_cpp} if llama_cpp else {})}
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("llama_cpp_probe.py")), str(model), str(req)],
+                       capture_output=True, text=True, env=env, timeout=timeout)
+    if r.returncode not in (0, -11, 139) or not r.stdout.strip():      # ignore exit-time teardown crashes
+        raise RuntimeError(f"llama.cpp failed on {model}: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import gguf
 import pytest
 import torch
-from llama_cpp_runtime import runtime  # tests/export is on sys.path (pytest prepend import mode)
+from llama_cpp_runtime import probe  # tests/export is on sys.path (pytest prepend import mode)
 from typer.testing import CliRunner
 
 import calq
@@ -24,7 +19,6 @@ from calq.methods.quantizer import QuantArgs, quantize_rtn
 from calq.recipe.schema import validate_recipe
 
 runner = CliRunner()
-PROBE = Path(__file__).with_name("llama_cpp_probe.py")
 CALIB = {"num_samples": 8, "seq_len": 256}
 FP16_LOGITS = 1e-3         # relative to the largest logit: what fp16 storage of the unquantized tensors may move
 Q4_1_GRID_COST = 1.15       # calq's q4_1 RTN squared error over llama.cpp's Q4_1 quantizer's, on Gaussian weights
@@ -197,24 +191,6 @@ def test_adapters_and_bad_names_are_refused(tmp_path, q4):
 
 # --- llama.cpp itself ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def llama_cpp(tmp_path_factory):
-    path, why = runtime(tmp_path_factory.mktemp("llama_cpp"))
-    if path is None:
-        pytest.skip(why)
-    return path
-
-
-def probe(llama_cpp: str, model: Path, ids: list[int], prompt: list[int], new: int = 8) -> dict:
-    req = model.with_suffix(".request.json")
-    req.write_text(json.dumps({"ids": ids, "prompt": prompt, "new": new}))
-    env = {**os.environ, **({"PYTHONPATH": llama_cpp} if llama_cpp else {})}
-    r = subprocess.run([sys.executable, str(PROBE), str(model), str(req)], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode in (0, -11, 139) and r.stdout.strip(), r.stderr[-2000:]     # ignore exit-time teardown
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def calq_nll(model, ids: list[int]) -> list[float]:
     with torch.no_grad():
         lp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
@@ -227,7 +203,7 @@ def test_llama_cpp_runs_the_calq_gguf(ck, request, tmp_path, llama_cpp, tokenize
     ck = request.getfixturevalue(ck)
     export_gguf(ck, tmp_path / "m.gguf", embeddings="f16")
     ids = evaluation_windows(load_text("stdlib:test"), tokenizer, 256, 1)[0].tolist()
-    got = probe(llama_cpp, tmp_path / "m.gguf", ids, ids[:32])
+    got = probe(llama_cpp, tmp_path / "m.gguf", {"ids": ids, "prompt": ids[:32], "new": 8})
     model = calq.load(ck)
     ours = math.exp(sum(calq_nll(model, ids)) / (len(ids) - 1))
     # llama.cpp multiplies Q4_0/Q4_1 blocks with activations rounded to Q8_0/Q8_1: a small, stated difference
