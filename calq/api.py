@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -121,10 +122,11 @@ def moe_settings(model, recipe: Recipe) -> MoESettings:
 
 def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.dtype = torch.float16,
                    progress: Progress | None = None, rest_dtype: torch.dtype | None = None,
-                   onload=None, offload=None):
+                   onload=None, offload=None, store=None):
     """Calibrate and compress `model` in place (blocks end on CPU in rest_dtype, default their own dtype).
 
-    onload/offload: the engine's hooks (disk offload). Returns the engine's per-module results.
+    onload/offload: the engine's hooks (disk offload); store: a resume.BlockStore for the block loop.
+    Returns the engine's per-module results.
     """
     cal = recipe.calibration
     torch.manual_seed(cal.seed)
@@ -141,7 +143,7 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
         return list(calibration_windows(load_text(c.dataset, "calibration"), tokenizer, n, t, seed)
                     .split(cal.batch_size))
 
-    def run(model, stages, onload=None, offload=None):
+    def run(model, stages, onload=None, offload=None, store=None):
         prefix, blocks = find_blocks(model)
         move_outside_blocks(model, blocks, device, dtype)   # blocks stay on CPU, visit the device one at a time
         inputs = capture_block_inputs(model, blocks[0], batches, device) if batches else []
@@ -150,13 +152,14 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
         if progress:
             progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
         result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
-                            rest_dtype, onload, offload, own, cal.massive_token_ratio, moe_settings(model, recipe))
+                            rest_dtype, onload, offload, own, cal.massive_token_ratio, moe_settings(model, recipe),
+                            store)
         move_outside_blocks(model, blocks, "cpu", None)  # the blocks are on CPU already (or on meta, offloaded)
         return result
 
     for method in stages:
         method.prepare(model, PrepareContext(ids, device, cal.seed, run, progress))
-    result = run(model, stages, onload, offload)
+    result = run(model, stages, onload, offload, store)
     for method in stages:       # modules outside the blocks that a method compressed in prepare (already installed)
         result.modules.extend(ModuleResult(rec, None, 0.0, 0) for rec in method.model_records())
     return result
@@ -208,13 +211,16 @@ class _Phases:
 def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | None = None,
              device: str = "auto", seed: int | None = None, num_samples: int | None = None,
              seq_len: int | None = None, evaluate: bool = True, overwrite: bool = False,
-             progress: Progress | None = None, offload: str = "auto", allow_pickle: bool = False) -> Report:
+             progress: Progress | None = None, offload: str = "auto", allow_pickle: bool = False,
+             resume: bool = False) -> Report:
     """Run a recipe: calibrate, compress block by block, write the checkpoint and report to `output`.
 
     offload: where weights rest. "cpu" holds the model in RAM; "disk" reads one block at a time from the
     model's safetensors files and writes each compressed block as its own shard (RAM holds one block);
     "auto" picks disk when the weights exceed half of the available RAM. The checkpoint is the same.
     allow_pickle: read a model folder that has only `pytorch_model.bin` (transformers' weights_only loader).
+    resume: save each finished block in `.OUTPUT.partial` and, if an interrupted run of the same recipe and model
+    left one there, continue after its last finished block (the checkpoint is the same, byte for byte).
     """
     from calq.export.staging import check_output, staged
 
@@ -229,8 +235,10 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
     cache_stages = [s for s in recipe.stages if METHODS[s.method].scope == "cache"]
     mode = _offload_mode(offload, model_path, recipe, bool(cache_stages))
     weights_recipe = recipe.model_copy(update={"stages": [s for s in recipe.stages if s not in cache_stages]})
+    if resume:
+        _check_resumable(weights_recipe)
     phase = _Phases(emit)
-    with staged(output, overwrite) as tmp:
+    with _kept_on_interrupt(output, resume), staged(output, overwrite, resumable=resume) as tmp:
         with phase("load"):
             src = ModelSource(recipe.model, mode, allow_pickle)
             predicted = _check_model(src, recipe, weights_recipe, dev, evaluate)
@@ -239,9 +247,12 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         if evaluate:
             with phase("baseline_evaluation", "dense_evaluation", "dense evaluation"), src.dense_scorer(dev) as score:
                 baseline = _eval_all(score, src.tokenizer, recipe, windows, f"the dense model {recipe.model}")
+        store = _block_store(tmp, recipe, model_path, mode, dev) if resume else None
         with phase("compress"):
             result = compress_model(src.model, src.tokenizer, weights_recipe, dev, src.store_dtype, emit,
-                                    **src.engine_hooks(tmp)) if weights_recipe.stages else EngineResult()
+                                    store=store, **src.engine_hooks(tmp)) if weights_recipe.stages else EngineResult()
+        if store is not None:
+            shutil.rmtree(store.folder)         # every block is done; the rest is quick to redo
         with phase("write"):
             stats, extra = _write_all(src, recipe, result, cache_stages, tmp, emit)
         src.release()
@@ -254,7 +265,8 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         timings = {**phase.timings, "per_block": [round(x, 3) for x in result.block_seconds],
                    "phases": {k: round(v, 3) for k, v in result.phase_seconds.items()}, "total": time.time() - t0}
         report = build_report(recipe, {"source": src.info, "device": dev, "offload": mode, "timings": timings,
-                                       "peaks": phase.peaks, "predicted": predicted, **extra}, result, stats, evals)
+                                       "peaks": phase.peaks, "predicted": predicted, **extra,
+                                       "resumed_blocks": store.done if store else 0}, result, stats, evals)
         write_report(report, tmp)
     failed = [k for k, v in (report.expect or {}).items() if not v["ok"]]
     if failed:
@@ -262,6 +274,37 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
         raise ExpectationFailed(f"expect: {detail} (checkpoint written to {output})",
                                 "the recipe no longer meets its expect: block")
     return report
+
+
+@contextmanager
+def _kept_on_interrupt(output: Path, resume: bool):
+    """Ctrl-C or SIGTERM in a resumable run: the interrupt carries the folder it keeps, for the CLI's message."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if resume:
+            from calq.export.staging import partial_folder
+
+            e.kept = str(partial_folder(output))
+        raise
+
+
+def _check_resumable(recipe: Recipe) -> None:
+    for i, stage in enumerate(recipe.stages):
+        if not METHODS[stage.method].resumable:
+            raise CalqError(f"stages[{i}].method: {stage.method} replaces whole modules, which --resume cannot "
+                            "save yet", "run it without --resume")
+
+
+def _block_store(tmp: Path, recipe: Recipe, model_path: Path, mode: str, dev):
+    """The resume store in tmp; what must match to continue a run: recipe, model files, versions, threads."""
+    from calq import __version__
+    from calq.calibration.resume import DIR, BlockStore, fingerprint, recipe_hash
+
+    manifest = {"recipe": recipe_hash(dump_recipe(recipe)), "model": fingerprint(model_path), "calq": __version__,
+                "torch": torch.__version__, "offload": mode, "device": str(dev),
+                "threads": torch.get_num_threads()}      # fp32 GEMM sums in a thread-dependent order
+    return BlockStore(tmp / DIR, manifest)
 
 
 def _check_model(src: ModelSource, recipe: Recipe, weights_recipe: Recipe, dev, evaluate: bool) -> dict:

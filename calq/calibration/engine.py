@@ -226,6 +226,18 @@ def _install(rec, mod: nn.Module, W, H, W0, n: int, seconds: float, result: Engi
         rec.W_hat = None        # export needs only codes and scales
 
 
+def _counts(result: EngineResult) -> dict:
+    return {"modules": len(result.modules), "adapters": len(result.adapters), "replaced": len(result.replaced),
+            "skipped": len(result.skipped), "expert_tokens": set(result.expert_tokens)}
+
+
+def _since(result: EngineResult, before: dict, seconds: float) -> dict:
+    """What one block added to the result (for the resume store)."""
+    out = {k: getattr(result, k)[n:] for k, n in before.items() if k != "expert_tokens"}
+    out["expert_tokens"] = {k: v for k, v in result.expert_tokens.items() if k not in before["expert_tokens"]}
+    return {**out, "seconds": seconds}
+
+
 def _without_fused(targets: dict, fused: dict[str, str], method: Method, result: EngineResult) -> dict:
     """Targets less the fused expert projections, which this method cannot store; recorded once per module."""
     left = {fused[n] for n in targets if n in fused}
@@ -303,7 +315,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                onload: Callable[[int, nn.Module], None] | None = None,
                offload: Callable[[int, nn.Module, EngineResult], None] | None = None,
                stage_inputs: dict[int, list] | None = None,
-               massive_ratio: float | None = None, moe: MoESettings | None = None) -> EngineResult:
+               massive_ratio: float | None = None, moe: MoESettings | None = None, store=None) -> EngineResult:
     """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU.
 
     propagate: "quantized" feeds each block the outputs of the compressed blocks before it (GPTQ);
@@ -317,6 +329,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
     massive_ratio: tokens above this multiple of the median token energy stay out of the statistics (_Hessians).
     moe: fused experts become per-expert Linear targets (calibration/moe.py); experts the router sends fewer than
     moe.min_tokens tokens get a damped Hessian, and those it sends none the method's data-free `fallback`.
+    store: a resume.BlockStore; its finished blocks are put back as they were saved, the rest saved as they finish.
     """
     stage_inputs = stage_inputs or {}
     result = EngineResult()
@@ -424,6 +437,17 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                       "methods": [s.name for s in stages], "elapsed": t_block - t_start})
         if onload:
             onload(i, block)
+        if store is not None and i < store.done:       # finished by an earlier, interrupted run
+            store.restore(i, block, f"{prefix}.{i}", result)
+            if i == store.done - 1:
+                store.resume_streams(inputs, stage_inputs, fp_inputs)
+            if offload:
+                offload(i, block, result)
+            if progress:
+                progress({"event": "block_end", "index": i, "total": len(blocks), "tokens": n_tokens,
+                          "seconds": result.block_seconds[-1], "elapsed": time.time() - t_start, "restored": True})
+            continue
+        before = _counts(result)
         rest = rest_dtype or next(block.parameters()).dtype
         block.to(device, compute_dtype)
         moe_stack = ExitStack()
@@ -478,6 +502,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         if fp_inputs is not None:
             fp_inputs = [(h, kw) for h, (_, kw) in zip(fp_next, fp_inputs, strict=True)]
         block.to("cpu", rest)
+        if store is not None:
+            store.save(i, block, _since(result, before, time.time() - t_block), inputs, stage_inputs, fp_inputs)
         if offload:
             offload(i, block, result)
         result.block_seconds.append(time.time() - t_block)

@@ -38,12 +38,12 @@ def _one_line_errors():
         previous = None
     try:
         yield
-    except Terminated:
-        _error("terminated (SIGTERM); no partial output is left behind")
-        raise typer.Exit(143) from None
-    except KeyboardInterrupt:
-        _error("interrupted; no partial output is left behind")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        kept = getattr(e, "kept", None)
+        _error(f"{what}; the finished blocks are kept in {kept}: run the same command again to continue" if kept
+               else f"{what}; no partial output is left behind")
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     except typer.TyperException as e:
         if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
             raise
@@ -125,7 +125,10 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
              overwrite: bool = typer.Option(False, "--overwrite"),
              offload: str = typer.Option("auto", help="Where weights rest: cpu (RAM), disk (read and written one "
                                          "block at a time), or auto (disk when they exceed half the free RAM)."),
-             allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP)):
+             allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
+             resume: bool = typer.Option(False, "--resume", help="Save each finished block next to the output "
+                                         "(.OUTPUT.partial) and continue an interrupted run of the same recipe "
+                                         "from there; the checkpoint is the same, byte for byte.")):
     """Compress a model with a recipe; write a safetensors checkpoint and report.json/report.md."""
     from calq import api
     from calq.cli.render import EventProgress, report_table
@@ -133,7 +136,7 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
     with EventProgress(console) as progress:
         report = _run(api.compress, recipe, output, model=model, device=device, seed=seed,
                       num_samples=num_samples, seq_len=seq_len, evaluate=not no_eval, overwrite=overwrite,
-                      progress=progress.update, offload=offload, allow_pickle=allow_pickle)
+                      progress=progress.update, offload=offload, allow_pickle=allow_pickle, resume=resume)
     from calq.eval.report_md import untouched_warnings
 
     console.print(report_table(report))

@@ -23,7 +23,8 @@ def evaluation_results(recipe: Recipe, after: dict, baseline: dict) -> list[Eval
 
 
 def build_report(recipe: Recipe, run: dict, result, stats: dict, evals: list[EvalResult]) -> Report:
-    """run: source, device, offload, timings, peaks, predicted memory, accounting, kv_cache record, adapter_bytes."""
+    """run: source, device, offload, timings, peaks, predicted memory, accounting, kv_cache record, adapter_bytes,
+    resumed_blocks."""
     # Over every Linear a stage replaced: packed bytes where quantized, fp16 where only pruned.
     quantized = {m.record.name for m in result.modules}
     dense_only = [m for m in result.replaced if m.record.name not in quantized]
@@ -35,6 +36,7 @@ def build_report(recipe: Recipe, run: dict, result, stats: dict, evals: list[Eva
     report = Report(
         **versions(), model=recipe.model, source=run["source"], recipe=recipe.model_dump(mode="json"),
         seed=recipe.calibration.seed, device=str(run["device"]), offload=run["offload"],
+        resumed_blocks=run.get("resumed_blocks", 0),
         data_free=all(METHODS[s.method](s).data_free for s in recipe.stages),
         timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in run["timings"].items()},
         peak_rss_bytes=peak_rss_bytes(), memory={"predicted": run["predicted"], "peak_rss_after": run["peaks"]},

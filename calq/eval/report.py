@@ -59,6 +59,7 @@ class Report(BaseModel):
     device: str
     offload: str = "cpu"               # where weights rested: cpu (RAM) or disk (one block at a time)
     data_free: bool = False            # every stage worked from the weights alone: no calibration forward ran
+    resumed_blocks: int = 0            # blocks put back from an interrupted run's saved state (--resume)
     timings: dict                      # total, load, calibration, compress, write, evaluation; per_block
     peak_rss_bytes: int
     peak_cuda_bytes: int | None = None

@@ -7,6 +7,9 @@ complete output sits at its path or aside. On any exception, KeyboardInterrupt a
 SIGTERM into one), the temp folder and the parent folders made for it are removed. A SIGKILL cannot be caught:
 the next run writing into the same folder sweeps the folders of runs whose process is gone, and puts an output
 one of them had moved aside back in place.
+
+A resumable run (`compress --resume`) writes into `.NAME.partial` instead, a fixed name a later run finds, and
+keeps it on failure or interruption: it holds the finished blocks (calibration/resume.py).
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 @contextmanager
-def staged(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temp folder to write the output into, published at `output` when the block ends without an exception."""
+def staged(output: str | Path, overwrite: bool = False, resumable: bool = False) -> Iterator[Path]:
+    """A temp folder to write the output into, published at `output` when the block ends without an exception.
+    resumable: the folder is `partial_folder(output)`, kept (with the parents made for it) when the block fails."""
     output = Path(output)
     check_output(output, overwrite)
     created: list[Path] = []
@@ -79,7 +83,7 @@ def staged(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
             for d in reversed([p for p in output.absolute().parents if not p.exists()]):
                 d.mkdir()
                 created.append(d)
-            tmp = _run_folder(output, "tmp")
+            tmp = _partial(output) if resumable else _run_folder(output, "tmp")
         except OSError as e:
             raise _oserror(e, output) from None
         try:
@@ -90,6 +94,8 @@ def staged(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
             raise
         publish(tmp, output)
     except BaseException:
+        if resumable:
+            raise
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         for d in reversed(created):
@@ -102,6 +108,24 @@ def _rmdir_if_empty(d: Path) -> None:
         d.rmdir()
     except OSError:
         pass                    # something else was put there meanwhile: not ours to remove
+
+
+def partial_folder(output: Path) -> Path:
+    return output.absolute().parent / f".{output.name[:200]}.partial"
+
+
+def _partial(output: Path) -> Path:
+    """The resumable run folder of output, made or taken over (refused while another live run holds it)."""
+    d = partial_folder(output)
+    try:
+        run = json.loads((d / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        run = None
+    if run and run.get("host") == socket.gethostname() and run.get("pid") != os.getpid() and _alive(int(run["pid"])):
+        raise CalqError(f"another calq run (pid {run['pid']}) is writing {d}", "wait for it to end, or stop it")
+    d.mkdir(exist_ok=True)
+    (d / RUN_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "output": output.name}))
+    return d
 
 
 def _run_folder(output: Path, kind: str) -> Path:

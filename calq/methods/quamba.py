@@ -28,6 +28,7 @@ class QuambaConfig(StageConfig):
 class Quamba(Method):
     Config = QuambaConfig
     scope = "block"
+    resumable = False
 
     def apply_block(self, ctx):
         cfg = self.config
