@@ -36,6 +36,8 @@ def main():
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--all-experts", action="store_true", help="moe.calibrate_all_experts")
+    ap.add_argument("--experts-per-pass", type=int, default=None, help="moe.experts_per_pass: Hessians of this "
+                    "many experts per calibration forward (bounds memory; default all)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
@@ -62,7 +64,7 @@ def main():
     n_batches = len(inputs)
     recipe = validate_recipe({"stages": [{"method": "gptq", "bits": args.bits, "group_size": args.group_size}]})
     stages = [METHODS["gptq"](recipe.stages[0])]
-    moe = MoESettings(names, calibrate_all_experts=args.all_experts)
+    moe = MoESettings(names, calibrate_all_experts=args.all_experts, experts_per_pass=args.experts_per_pass)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -71,7 +73,8 @@ def main():
 
     print_phases(f"GPTQ W{args.bits} g{args.group_size}, one Mixtral block hidden {args.hidden} / intermediate "
                  f"{args.intermediate}, {args.experts} experts top-{args.top_k}, {n_batches * args.seq_len} tokens"
-                 f"{' (all experts)' if args.all_experts else ''}, {dev}, {torch.get_num_threads()} threads",
+                 f"{' (all experts)' if args.all_experts else ''}, experts per pass {args.experts_per_pass or 'all'}, "
+                 f"{dev}, {torch.get_num_threads()} threads",
                  result, total, dev)
     print(f"{len(result.modules)} modules quantized; tokens routed per expert: {result.expert_tokens}")
     experts = [m for m in result.modules if ".experts." in m.record.name]

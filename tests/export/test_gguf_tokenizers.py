@@ -10,8 +10,15 @@ import torch
 from llama_cpp_runtime import probe  # tests/export is on sys.path (pytest prepend import mode)
 from tiny_tokenizers import SAMPLES, byte_bpe, sentencepiece_bpe
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from calq.calibration.data import load_text
 from calq.errors import CalqError
@@ -45,7 +52,7 @@ def test_llama_cpp_tokenizes_as_the_tokenizer_does(kind, text, tmp_path, llama_c
     tok = sentencepiece_bpe(text) if kind == "sentencepiece" else byte_bpe(kind, text)
     texts = [*SAMPLES, text[5000:7000]]
     got = llama_cpp_tokens(llama_cpp, tok, tmp_path, texts)
-    for t, ids in zip(texts, got):
+    for t, ids in zip(texts, got, strict=True):
         assert ids == tok(t)["input_ids"], (kind, t[:40])
     if kind == "sentencepiece":         # the samples reach the byte fallback and the BOS the file asks for
         assert tok.convert_tokens_to_ids("<0xF0>") in got[2] and all(ids[0] == tok.bos_token_id for ids in got)
@@ -58,7 +65,7 @@ def test_metaspace_sentencepiece_differs_only_before_leading_spaces(text, tmp_pa
     texts = [*SAMPLES, text[5000:7000]]
     got = llama_cpp_tokens(llama_cpp, tok, tmp_path, texts)
     space = tok.convert_tokens_to_ids("▁")
-    for t, ids in zip(texts, got):
+    for t, ids in zip(texts, got, strict=True):
         hf = tok(t)["input_ids"]
         assert ids == (hf[:1] + [space] + hf[1:] if t.startswith(" ") else hf), t[:40]
     assert sum(t.startswith(" ") for t in texts) >= 1
@@ -78,7 +85,8 @@ def test_llama_cpp_computes_the_models_logits(arch, text, tmp_path, llama_cpp):
         lp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
         hf = model.generate(torch.tensor([ids[:20]]), max_new_tokens=6, do_sample=False)[0, 20:].tolist()
     nll = [-lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
-    assert max(abs(a - b) for a, b in zip(got["nll"], nll)) < 3e-3      # f32 weights: only summation order differs
+    # f32 weights: only the summation order differs
+    assert max(abs(a - b) for a, b in zip(got["nll"], nll, strict=True)) < 3e-3
     assert got["ppl"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-3)
     assert got["greedy"] == hf
 
