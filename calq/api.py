@@ -282,9 +282,9 @@ def _kept_on_interrupt(output: Path, resume: bool):
     try:
         yield
     except KeyboardInterrupt as e:
-        if resume:
-            from calq.export.staging import partial_folder
+        from calq.export.staging import partial_folder
 
+        if resume and partial_folder(output).is_dir():
             e.kept = str(partial_folder(output))
         raise
 

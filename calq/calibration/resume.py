@@ -99,8 +99,7 @@ class BlockStore:
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             if diff:
                 raise CalqError(f"the partial run in {self.folder.parent} was made with a different {', '.join(diff)}",
-                                "rerun with the same recipe, model and calq version, or without --resume to start "
-                                "over")
+                                f"rerun with the same ones, or delete {self.folder.parent} to start over")
         else:
             _write_atomic(path, json.dumps(manifest, indent=1).encode())
         self.done = 0

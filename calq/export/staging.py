@@ -9,7 +9,7 @@ the next run writing into the same folder sweeps the folders of runs whose proce
 one of them had moved aside back in place.
 
 A resumable run (`compress --resume`) writes into `.NAME.partial` instead, a fixed name a later run finds, and
-keeps it on failure or interruption: it holds the finished blocks (calibration/resume.py).
+keeps it on failure or interruption once it holds a finished block (calibration/resume.py).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def _existing_ancestor(path: Path) -> Path:
 @contextmanager
 def staged(output: str | Path, overwrite: bool = False, resumable: bool = False) -> Iterator[Path]:
     """A temp folder to write the output into, published at `output` when the block ends without an exception.
-    resumable: the folder is `partial_folder(output)`, kept (with the parents made for it) when the block fails."""
+    resumable: the folder is `partial_folder(output)`, kept (with the parents made for it) when the block fails
+    after a block was finished."""
     output = Path(output)
     check_output(output, overwrite)
     created: list[Path] = []
@@ -94,8 +95,8 @@ def staged(output: str | Path, overwrite: bool = False, resumable: bool = False)
             raise
         publish(tmp, output)
     except BaseException:
-        if resumable:
-            raise
+        if resumable and tmp is not None and any((tmp / "resume").glob("block-*.json")):
+            raise               # finished blocks to continue from
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         for d in reversed(created):

@@ -152,3 +152,11 @@ def test_killed_run_resumes_byte_identical(sig, tmp_path, uninterrupted):
     assert again.wait() == 0, again.stderr.read()[-2000:]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["resumed_blocks"] >= 1
     assert digest(tmp_path / "out") == full
+
+
+def test_bad_input_with_resume_leaves_nothing_behind(tmp_path):
+    recipe = validate_recipe({"model": "zoo:llama", "calibration": CALIB,
+                              "stages": [{"method": "gptq", "bits": 4, "targets": ["re:nothing.*"]}]})
+    with pytest.raises(CalqError, match=r"stages\[0\].targets: no module"):
+        calq.compress(recipe, tmp_path / "out", evaluate=False, device="cpu", resume=True)
+    assert not any(tmp_path.iterdir())
