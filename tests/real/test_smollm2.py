@@ -75,19 +75,14 @@ def test_gptq_beats_rtn(bits, windows, dense_ppl):
 
 
 def test_eora_beats_svd_beats_nothing_at_w3(windows):
-    """On an RTN W3 g64 base, EoRA's eigenspace weighting beats plain SVD by a wide margin (32×512 calibration:
-    249.0 → SVD 165.3 → EoRA 70.5). On a GPTQ base, which has already spent H's information, both help and their
-    order flips with the calibration sample and the windows (±3%; docs/real-model.md): only "both help" holds."""
-    rtn = {"method": "rtn", "bits": 3, "group_size": 64}
-    none = _ppl([rtn], windows)
-    svd = _ppl([rtn, {"method": "eora", "rank": 16, "basis": "svd"}], windows)
-    eora = _ppl([rtn, {"method": "eora", "rank": 16}], windows)
-    assert eora < 0.8 * svd and svd < none, (eora, svd, none)
-    gptq = {"method": "gptq", "bits": 3, "group_size": 64}
-    none = _ppl([gptq], windows)
-    svd = _ppl([gptq, {"method": "eora", "rank": 16, "basis": "svd"}], windows)
-    eora = _ppl([gptq, {"method": "eora", "rank": 16}], windows)
-    assert max(eora, svd) < 0.9 * none, (eora, svd, none)
+    # 40 windows: on the first 8 alone SVD and EoRA are 0.3% apart either way (56.80 vs 56.96, here and in CI); over 40
+    # EoRA is 3.8% below SVD (52.85 vs 54.96), and 3.6% worse (54.73) when its covariance keeps the attention
+    # sinks, which is why it solves on the robust statistics (docs/real-model.md)
+    base = {"method": "gptq", "bits": 3, "group_size": 64}
+    none = _ppl([base], windows)
+    svd = _ppl([base, {"method": "eora", "rank": 16, "basis": "svd"}], windows)
+    eora = _ppl([base, {"method": "eora", "rank": 16}], windows)
+    assert eora < svd < none, (eora, svd, none)
 
 
 def test_massive_tokens_are_left_out_where_they_occur():
