@@ -44,7 +44,7 @@ def wrap(module, name, before):
     setattr(mod, name, paused)
 
 if point == "load":             # after the model is read, the temp folder exists
-    wrap("calq.api", "load_model", lambda *a: False)
+    wrap("calq.calibration.source", "load_model", lambda *a: False)
 elif point == "calibration":    # inside block 0, before its first result is installed
     wrap("calq.calibration.engine", "_install", lambda *a: True)
 elif point == "write":          # model.safetensors written into the temp folder
