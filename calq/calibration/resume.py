@@ -2,11 +2,11 @@
 
 In `RUN/resume/` (inside the run's partial output folder): `manifest.json` (what must match to continue: the
 resolved recipe, the model's fingerprint, calq and torch versions, offload mode), and per finished block i
-`block-iiii.safetensors` (the block's state as it rests after compression, the records' tensors, and the
-calibration streams the next block reads) with `block-iiii.json` (records, results, torch's RNG state), written
-last, so a block counts as finished only once both are whole. Continuing loads those states instead of
-recomputing them and restores the RNG and the streams, so the checkpoint equals an uninterrupted run's byte for
-byte. Each block's file replaces the streams of the one before (only the latest are needed).
+`block-iiii.safetensors` (the block's state as it rests after compression, the records' tensors),
+`streams-iiii.safetensors` (the calibration activations the next block reads; only the latest are kept) and
+`block-iiii.json` (records, results, torch's RNG state), written last, so a block counts as finished only once
+all three are whole. Continuing loads those states instead of recomputing them and restores the RNG and the
+streams, so the checkpoint equals an uninterrupted run's byte for byte.
 """
 
 from __future__ import annotations
@@ -119,17 +119,10 @@ class BlockStore:
                             for j, a in enumerate(results["adapters"])]
         meta.update(skipped=results["skipped"], expert_tokens=results["expert_tokens"],
                     seconds=results["seconds"], rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
-        tensors.update(_streams(inputs, stage_inputs, fp_inputs))
-        body = self.folder / f"block-{i:04d}.safetensors"
-        tmp = body.with_name(f".{body.name}.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, body)
-        _write_atomic(self.folder / f"block-{i:04d}.json", json.dumps(meta).encode())
-        if i > 0:       # the earlier block's streams are stale now; its state and records stay
-            prev = self.folder / f"block-{i - 1:04d}.safetensors"
-            kept = {k: v for k, v in load_file(str(prev)).items() if not k.startswith("stream.")}
-            save_file(kept, str(tmp))
-            os.replace(tmp, prev)
+        _save_atomic(tensors, self.folder / f"block-{i:04d}.safetensors")
+        _save_atomic(_streams(inputs, stage_inputs, fp_inputs), self.folder / f"streams-{i:04d}.safetensors")
+        _write_atomic(self.folder / f"block-{i:04d}.json", json.dumps(meta).encode())      # block i counts now
+        (self.folder / f"streams-{i - 1:04d}.safetensors").unlink(missing_ok=True)        # stale
 
     def restore(self, i: int, block, prefix: str, result) -> None:
         """Put block i back as it rested after compression, and its entries into the engine's result."""
@@ -155,7 +148,7 @@ class BlockStore:
     def resume_streams(self, inputs: list, stage_inputs: dict, fp_inputs: list | None) -> None:
         """The calibration streams as they were after the last finished block (in place), and torch's RNG."""
         i = self.done - 1
-        tensors = load_file(str(self.folder / f"block-{i:04d}.safetensors"))
+        tensors = load_file(str(self.folder / f"streams-{i:04d}.safetensors"))
         for j, (_, kw) in enumerate(inputs):
             inputs[j] = (tensors[f"stream.main.{j}"], kw)
         for k, stream in stage_inputs.items():
@@ -167,6 +160,12 @@ class BlockStore:
         meta = json.loads((self.folder / f"block-{i:04d}.json").read_text())
         rng = torch.frombuffer(bytearray(base64.b64decode(meta["rng"])), dtype=torch.uint8)
         torch.set_rng_state(rng)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -47,6 +47,7 @@ def interrupted_then_resumed(recipe, out: Path, k: int, **kw):
     partial = out.parent / f".{out.name}.partial"
     saved = sorted(p.name for p in (partial / "resume").glob("block-*.json"))
     assert not out.exists() and saved == [f"block-{i:04d}.json" for i in range(k + 1)]
+    assert [p.name for p in (partial / "resume").glob("streams-*")] == [f"streams-{k:04d}.safetensors"]
     return calq.compress(recipe, out, evaluate=False, device="cpu", resume=True, **kw)
 
 
