@@ -35,8 +35,8 @@ _DROPPED = ("W_hat", "W_new", "W_base", "module")      # dense copies the engine
 def fingerprint(path: Path) -> dict:
     """Names, sizes and modification times of a model's files (a GGUF: the file): cheap, and any rewrite shows."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and
-                                                 not p.name.startswith(".") and "/." not in str(p.relative_to(path)))
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts))
     return {str(p.relative_to(path.parent if path.is_file() else path)): [p.stat().st_size, p.stat().st_mtime_ns]
             for p in files}
 
