@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -95,7 +96,8 @@ def run_row(name: str, args, work: Path) -> dict:
                "checkpoint_bytes": rep["checkpoint_bytes"], "adapter_bytes": rep.get("adapter_bytes", 0),
                "seconds": rep["timings"]["compress"], "total_seconds": rep["timings"]["total"],
                "peak_rss_bytes": rep["peak_rss_bytes"], "eval_seconds": time.time() - t,
-               "ic_layers": sum(m["layout"] == "ic" for m in rep["modules"]), "modules": len(rep["modules"])}
+               "ic_layers": sum(m["layout"] == "ic" for m in rep["modules"]), "modules": len(rep["modules"]),
+               "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": sorted(os.sched_getaffinity(0))}
     cached.write_text(json.dumps(res, indent=1))
     return res
 
