@@ -346,7 +346,7 @@ def _block_store(tmp: Path, recipe: Recipe, model_path: Path, mode: str, dev, ra
                 "torch": torch.__version__, "offload": mode, "device": str(dev),
                 "threads": torch.get_num_threads()}      # fp32 GEMM sums in a thread-dependent order
     if ranks > 1:
-        manifest["ranks"] = ranks
+        manifest["world_size"] = ranks
     return BlockStore(tmp / DIR, manifest)
 
 

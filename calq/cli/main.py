@@ -171,16 +171,21 @@ def _launch(nproc: int, argv: list[str]) -> int:
     print the run's messages, so the launcher's own logs and its summary of a failed rank are left out."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):     # each of the launcher's loggers has its own level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "calq", *argv]))
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode
         return code if code > 0 else 128 - code       # killed by a signal: the shell's convention
+    except SignalException as e:        # Ctrl-C or SIGTERM: the launcher stopped the ranks, rank 0 said so
+        return 128 + e.sigval
     return 0
 
 

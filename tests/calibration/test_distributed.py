@@ -25,6 +25,16 @@ from calq.recipe.schema import validate_recipe
 CALIB = {"num_samples": 8, "seq_len": 64, "batch_size": 2}
 
 
+@pytest.fixture
+def one_thread():
+    """The single-process reference computes with one thread, as each rank does: fp32 GEMMs sum in a
+    thread-dependent order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _ranks(size: int) -> list[Solo]:
     out = []
     for r in range(size):
@@ -85,10 +95,9 @@ def _rank_main(rank: int, size: int, init: str, out: str) -> None:
         torch.save(stats, out)
 
 
-def test_statistics_summed_over_ranks_equal_one_process(tmp_path):
+def test_statistics_summed_over_ranks_equal_one_process(tmp_path, one_thread):
     """H with and without the massive tokens (their rows gathered in batch order), mean and max |x|, the sample
     covariance and every count: the same from 2 ranks' halves as from all 4 batches in one process."""
-    torch.set_num_threads(1)
     single = _statistics(_batches())
     mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'rdzv'}", str(tmp_path / "stats.pt")), nprocs=2)
     two = torch.load(tmp_path / "stats.pt")
@@ -113,16 +122,6 @@ def _nproc(recipe: Path, out: Path, *args: str, env: dict | None = None) -> subp
     cmd = [sys.executable, "-m", "calq", "compress", str(recipe), "-o", str(out), "--no-eval", "--device", "cpu",
            "--nproc", "2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=600)
-
-
-@pytest.fixture
-def one_thread():
-    """The single-process reference computes with one thread, as each rank does: fp32 GEMMs sum in a
-    thread-dependent order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _single(recipe: dict, out: Path, **kw) -> None:
