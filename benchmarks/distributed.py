@@ -8,6 +8,7 @@ sum in another order, so the checkpoints of different rows may differ in a few c
 
     python benchmarks/distributed.py                      # zoo:smollm2, GPTQ W4 g64, 32×512, ranks 1 and 2
     python benchmarks/distributed.py --model zoo:llama --num-samples 16 --seq-len 128 --ranks 1,2,4
+    python benchmarks/distributed.py --threads-per-rank 1     # same threads per process: identical checkpoints
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main():
     ap.add_argument("--model", default="zoo:smollm2")
     ap.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads split between the ranks")
+    ap.add_argument("--threads-per-rank", type=int, help="the same threads in every row instead (then the "
+                    "checkpoints match exactly)")
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -53,7 +56,7 @@ def main():
         tmp = Path(tmp)
         (tmp / "recipe.yaml").write_text(json.dumps(recipe))
         for n in (int(x) for x in args.ranks.split(",")):
-            threads = max(1, args.threads // n)
+            threads = args.threads_per_rank or max(1, args.threads // n)
             out = tmp / f"ranks{n}"
             env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                    "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -70,9 +73,9 @@ def main():
             rows.append((n, threads, timings["compress"], wall, _differing(first[1], tensors),
                          sum(v.numel() for v in tensors.values())))
     base = rows[0][2]
+    threads = f"{args.threads_per_rank} threads per rank" if args.threads_per_rank else f"{args.threads} threads"
     print(f"{args.model}, GPTQ W4 g{args.group_size}, {args.num_samples}×{args.seq_len} calibration "
-          f"(batches of {args.batch_size}), {args.threads} threads on {os.cpu_count()} cores, "
-          f"torch {torch.__version__}\n")
+          f"(batches of {args.batch_size}), {threads} on {os.cpu_count()} cores, torch {torch.__version__}\n")
     print(f"| ranks | threads/rank | compress s | wall s | vs first row | elements ≠ ranks={rows[0][0]} |")
     print("|---|---|---|---|---|---|")
     for n, threads, comp, wall, diff, total in rows:
