@@ -6,7 +6,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from calq.calibration import offload as offload_lib
 from calq.calibration.blocks import capture_block_inputs, find_blocks, find_linears, move_outside_blocks
 from calq.calibration.data import calibration_windows, evaluation_windows, load_text
+from calq.calibration.distributed import SOLO, PeerFailed, Solo, join, launched_rank
 from calq.calibration.engine import EngineResult, ModuleResult, PrepareContext, run_blocks, stage_targets
 from calq.calibration.experts import CheckpointNames
 from calq.calibration.loading import is_calq_checkpoint, load_model, source_info
@@ -30,7 +31,7 @@ from calq.eval.perplexity import kl_to_reference, perplexity
 from calq.eval.report import Report, peak_rss_bytes, write_report
 from calq.export.peft import ADAPTER_DIR, write_adapter
 from calq.methods import METHODS
-from calq.methods.registry import order_problem
+from calq.methods.registry import Method, order_problem
 from calq.methods.xquant import KVCacheSpec
 from calq.recipe.load import dump_recipe, load_recipe, merge_overrides
 from calq.recipe.schema import Evaluation, Recipe, validate_recipe
@@ -122,10 +123,12 @@ def moe_settings(model, recipe: Recipe) -> MoESettings:
 
 def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.dtype = torch.float16,
                    progress: Progress | None = None, rest_dtype: torch.dtype | None = None,
-                   onload=None, offload=None, store=None):
+                   onload=None, offload=None, store=None, group: Solo = SOLO):
     """Calibrate and compress `model` in place (blocks end on CPU in rest_dtype, default their own dtype).
 
     onload/offload: the engine's hooks (disk offload); store: a resume.BlockStore for the block loop.
+    group: the ranks of a distributed run (calibration/distributed.py `join`); each calibrates on its share of the
+    batches, and every rank ends with the same compressed model.
     Returns the engine's per-module results.
     """
     cal = recipe.calibration
@@ -134,14 +137,14 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
     data_free = all(m.data_free for m in stages)        # RTN, magnitude pruning: no calibration forward at all
     ids = torch.empty(0, cal.seq_len, dtype=torch.long) if data_free else \
         calibration_windows(load_text(cal.dataset, "calibration"), tokenizer, cal.num_samples, cal.seq_len, cal.seed)
-    batches = [] if data_free else list(ids.split(cal.batch_size))
+    batches = [] if data_free else group.share(list(ids.split(cal.batch_size)))
     dtype = compute_dtype(device, store_dtype)
 
     def stage_batches(stage) -> list[torch.Tensor]:
         c = stage.config.calibration
         n, t, seed = c.num_samples or cal.num_samples, c.seq_len or cal.seq_len, cal.seed if c.seed is None else c.seed
-        return list(calibration_windows(load_text(c.dataset, "calibration"), tokenizer, n, t, seed)
-                    .split(cal.batch_size))
+        return group.share(list(calibration_windows(load_text(c.dataset, "calibration"), tokenizer, n, t, seed)
+                                .split(cal.batch_size)))
 
     def run(model, stages, onload=None, offload=None, store=None):
         prefix, blocks = find_blocks(model)
@@ -153,12 +156,14 @@ def compress_model(model, tokenizer, recipe: Recipe, device, store_dtype: torch.
             progress({"event": "start", "blocks": len(blocks), "methods": [s.name for s in stages]})
         result = run_blocks(blocks, prefix, inputs, stages, device, store_dtype, progress, cal.propagate, dtype,
                             rest_dtype, onload, offload, own, cal.massive_token_ratio, moe_settings(model, recipe),
-                            store)
+                            store, group)
         move_outside_blocks(model, blocks, "cpu", None)  # the blocks are on CPU already (or on meta, offloaded)
         return result
 
     for method in stages:
         method.prepare(model, PrepareContext(ids, device, cal.seed, run, progress))
+    if any(type(m).prepare is not Method.prepare for m in stages):
+        group.sync_module(model)        # prepare ran on every rank (a LoRA trained on a GPU need not agree)
     result = run(model, stages, onload, offload, store)
     for method in stages:       # modules outside the blocks that a method compressed in prepare (already installed)
         result.modules.extend(ModuleResult(rec, None, 0.0, 0) for rec in method.model_records())
@@ -212,7 +217,7 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
              device: str = "auto", seed: int | None = None, num_samples: int | None = None,
              seq_len: int | None = None, evaluate: bool = True, overwrite: bool = False,
              progress: Progress | None = None, offload: str = "auto", allow_pickle: bool = False,
-             resume: bool = False) -> Report:
+             resume: bool = False) -> Report | None:
     """Run a recipe: calibrate, compress block by block, write the checkpoint and report to `output`.
 
     offload: where weights rest. "cpu" holds the model in RAM; "disk" reads one block at a time from the
@@ -221,15 +226,45 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
     allow_pickle: read a model folder that has only `pytorch_model.bin` (transformers' weights_only loader).
     resume: save each finished block in `.OUTPUT.partial` and, if an interrupted run of the same recipe and model
     left one there, continue after its last finished block (the checkpoint is the same, byte for byte).
+    Started by torchrun (WORLD_SIZE > 1), each process calibrates on its share of the batches; rank 0 writes and
+    evaluates, and returns the report; the other ranks return None once it is done.
     """
-    from calq.export.staging import check_output, staged
-
     t0 = time.time()
     recipe = _resolve_recipe(recipe, {"model": model, "calibration": {"seed": seed, "num_samples": num_samples,
                                                                       "seq_len": seq_len}}, evaluate)
-    output, dev, emit = Path(output), resolve_device(device), progress or (lambda e: None)
+    group, dev = join(resolve_device(device))
+    try:
+        report = _compress(recipe, Path(output), dev, group, t0, evaluate=evaluate, overwrite=overwrite,
+                           emit=progress or (lambda e: None), offload=offload, allow_pickle=allow_pickle,
+                           resume=resume)
+    except PeerFailed:
+        raise
+    except Exception as e:
+        group.fail(e)
+        raise
+    group.check()           # the other ranks wait here until rank 0 has written and scored the checkpoint
+    failed = [k for k, v in (report.expect or {}).items() if not v["ok"]] if report else []
+    if failed:
+        detail = "; ".join(f"{k} = {report.expect[k]['value']:.4f} > {report.expect[k]['bound']}" for k in failed)
+        raise ExpectationFailed(f"expect: {detail} (checkpoint written to {output})",
+                                "the recipe no longer meets its expect: block")
+    return report
+
+
+def process_rank() -> int:
+    """The rank torchrun gave this process (0 outside torchrun): the CLI draws progress and errors on rank 0 only."""
+    return launched_rank()
+
+
+def _compress(recipe: Recipe, output: Path, dev, group: Solo, t0: float, *, evaluate: bool, overwrite: bool,
+              emit: Progress, offload: str, allow_pickle: bool, resume: bool) -> Report | None:
+    """compress's phases; on a rank other than 0 only loading and the block loop, and None."""
+    from calq.export.staging import check_output, staged
+
+    lead = group.rank == 0
     model_path = Path(resolve_model(recipe.model, _notify(emit)))
-    check_output(output, overwrite)
+    if lead:
+        check_output(output, overwrite)
     if model_path.exists() and output.resolve() == model_path.resolve():
         raise CalqError(f"--output {output} is the model folder the recipe reads", "write to another folder")
     cache_stages = [s for s in recipe.stages if METHODS[s.method].scope == "cache"]
@@ -238,21 +273,31 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
     if resume:
         _check_resumable(weights_recipe)
     phase = _Phases(emit)
-    with _kept_on_interrupt(output, resume), staged(output, overwrite, resumable=resume) as tmp:
+    folder = staged(output, overwrite, resumable=resume) if lead else nullcontext()
+    with _kept_on_interrupt(output, resume), folder as tmp:
         with phase("load"):
             src = ModelSource(recipe.model, mode, allow_pickle)
-            predicted = _check_model(src, recipe, weights_recipe, dev, evaluate)
+            predicted = _check_model(src, recipe, weights_recipe, dev, evaluate, group.size)
         windows: dict = {}
         baseline = {}
-        if evaluate:
+        if evaluate and lead:
             with phase("baseline_evaluation", "dense_evaluation", "dense evaluation"), src.dense_scorer(dev) as score:
                 baseline = _eval_all(score, src.tokenizer, recipe, windows, f"the dense model {recipe.model}")
-        store = _block_store(tmp, recipe, model_path, mode, dev) if resume else None
+        store = _block_store(tmp, recipe, model_path, mode, dev, group.size) if resume and lead else None
+        if resume and group.size > 1:
+            from calq.calibration.resume import SharedStore
+
+            store = SharedStore(store, group)
         with phase("compress"):
             result = compress_model(src.model, src.tokenizer, weights_recipe, dev, src.store_dtype, emit,
-                                    store=store, **src.engine_hooks(tmp)) if weights_recipe.stages else EngineResult()
-        if store is not None:
-            shutil.rmtree(store.folder)         # every block is done; the rest is quick to redo
+                                    store=store, group=group, **src.engine_hooks(tmp)) \
+                if weights_recipe.stages else EngineResult()
+        if not lead:
+            return None
+        if resume:
+            from calq.calibration.resume import DIR
+
+            shutil.rmtree(tmp / DIR)         # every block is done; the rest is quick to redo
         with phase("write"):
             stats, extra = _write_all(src, recipe, result, cache_stages, tmp, emit)
         src.release()
@@ -268,11 +313,6 @@ def compress(recipe: Recipe | str | Path, output: str | Path, *, model: str | No
                                        "peaks": phase.peaks, "predicted": predicted, **extra,
                                        "resumed_blocks": store.done if store else 0}, result, stats, evals)
         write_report(report, tmp)
-    failed = [k for k, v in (report.expect or {}).items() if not v["ok"]]
-    if failed:
-        detail = "; ".join(f"{k} = {report.expect[k]['value']:.4f} > {report.expect[k]['bound']}" for k in failed)
-        raise ExpectationFailed(f"expect: {detail} (checkpoint written to {output})",
-                                "the recipe no longer meets its expect: block")
     return report
 
 
@@ -296,25 +336,29 @@ def _check_resumable(recipe: Recipe) -> None:
                             "save yet", "run it without --resume")
 
 
-def _block_store(tmp: Path, recipe: Recipe, model_path: Path, mode: str, dev):
-    """The resume store in tmp; what must match to continue a run: recipe, model files, versions, threads."""
+def _block_store(tmp: Path, recipe: Recipe, model_path: Path, mode: str, dev, ranks: int = 1):
+    """The resume store in tmp; what must match to continue a run: recipe, model files, versions, threads (and
+    the number of ranks, as the order of fp64 sums between them could change a last bit)."""
     from calq import __version__
     from calq.calibration.resume import DIR, BlockStore, fingerprint, recipe_hash
 
     manifest = {"recipe": recipe_hash(dump_recipe(recipe)), "model": fingerprint(model_path), "calq": __version__,
                 "torch": torch.__version__, "offload": mode, "device": str(dev),
                 "threads": torch.get_num_threads()}      # fp32 GEMM sums in a thread-dependent order
+    if ranks > 1:
+        manifest["world_size"] = ranks
     return BlockStore(tmp / DIR, manifest)
 
 
-def _check_model(src: ModelSource, recipe: Recipe, weights_recipe: Recipe, dev, evaluate: bool) -> dict:
+def _check_model(src: ModelSource, recipe: Recipe, weights_recipe: Recipe, dev, evaluate: bool,
+                 ranks: int = 1) -> dict:
     """Checks that need the loaded model, before any work; the memory plan (refused when it cannot fit)."""
     _check_stages(weights_recipe, src.model)
     if not all(METHODS[st.method](st).data_free for st in weights_recipe.stages):
         _check_positions(src.model, recipe.calibration.seq_len, "calibration.seq_len")
     if evaluate:
         _check_positions(src.model, recipe.evaluation.seq_len, "evaluation.seq_len")
-    predicted = memory.plan(weights_recipe, src.model, compute_dtype(dev, src.store_dtype), evaluate)
+    predicted = memory.plan(weights_recipe, src.model, compute_dtype(dev, src.store_dtype), evaluate, ranks)
     memory.check(predicted, offload_lib.available_ram())
     return predicted
 

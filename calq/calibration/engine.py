@@ -11,18 +11,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
 
 from calq.calibration.adapters import attach_adapter
 from calq.calibration.blocks import block_output, find_linears, matches, to_device
+from calq.calibration.distributed import SOLO, Solo
 from calq.calibration.moe import MoESettings, expert_passes, few_token_hessians, list_experts, unfused
 from calq.calibration.units import UnitInputs
 from calq.errors import CalqError
 from calq.methods.base import Adapter, Compressed, Packed, Replaced
-from calq.methods.gptq import accumulate_hessian
 from calq.methods.registry import Method
 
 
@@ -73,19 +73,26 @@ class _Hessians:
     them doubles every other token's error; left out entirely, it pushes error into the very column they read.
     Methods with `robust_statistics` (GPTQ, EoRA) solve on H without them; importance statistics (absmax,
     absmean, the all-token diag of H that orders GPTQ's columns) and the other methods count every token.
+
+    Sums (XᵀX, |x|, the covariance) are kept in fp64 and divided once at the end: an fp64 sum of fp32 terms hardly
+    depends on their order, so the statistics come out the same however the batches are split between ranks
+    (`group`, calibration/distributed.py), whose sums are added on leaving the `with` block.
     """
 
     def __init__(self, targets: dict[str, nn.Linear], sample_covariance: bool = False,
-                 massive_ratio: float | None = None):
+                 massive_ratio: float | None = None, group: Solo = SOLO):
         self.targets = targets
         self.want_cov = sample_covariance
         self.massive_ratio = massive_ratio
-        self.cov: dict[str, torch.Tensor] = {}           # Σ_s X̃_sᵀX̃_s, X̃_s = X_s / |max X_s| (CorDA)
+        self.group = group
+        self.cov: dict[str, torch.Tensor] = {}           # Σ_s X̃_sᵀX̃_s, X̃_s = X_s / |max X_s| (CorDA); then / samples
         self.samples: dict[str, int] = {}
         self.owner: dict[str, str] = {}        # module -> module whose accumulator it shares
-        self.H: dict[str, torch.Tensor] = {}             # over the ordinary tokens
+        self.S: dict[str, torch.Tensor] = {}             # Σ xxᵀ over the ordinary tokens, fp64
+        self.H: dict[str, torch.Tensor] = {}             # 2/n·S, fp32, on leaving
         self.massive: dict[str, list[torch.Tensor]] = {}  # rows of the massive tokens [m, IC], per owner
-        self.absmean: dict[str, torch.Tensor] = {}       # running mean |x| per input channel, every token
+        self.abssum: dict[str, torch.Tensor] = {}        # Σ |x| per input channel, every token, fp64
+        self.absmean: dict[str, torch.Tensor] = {}       # abssum / n_all, fp32, on leaving
         self.absmax: dict[str, torch.Tensor] = {}
         self.n: dict[str, int] = {}                      # ordinary tokens
         self.n_all: dict[str, int] = {}
@@ -118,31 +125,75 @@ class _Hessians:
             if self.want_cov:
                 Xs = X.detach().float().reshape(X.shape[0], -1, X.shape[-1])      # [B, T, IC]
                 Xs = Xs / Xs.amax(dim=(1, 2), keepdim=True).abs()                # per sample, signed max (spec)
-                c = torch.einsum("bti,btj->ij", Xs, Xs)
-                self.cov[name] = c if name not in self.cov else self.cov[name] + c
+                c = torch.einsum("bti,btj->ij", Xs, Xs).double()
+                self.cov[name] = c if name not in self.cov else self.cov[name].add_(c)
                 self.samples[name] = self.samples.get(name, 0) + Xs.shape[0]
             X = X.detach().reshape(-1, X.shape[-1]).float()       # [N, IC]
             if not torch.isfinite(X).all():
                 raise CalqError(f"non-finite calibration activations entering {name}",
                                 "check the model in fp32, or calibrate with other data")
-            n_all = self.n_all.get(name, 0)
-            a, m = X.abs().sum(0), X.abs().amax(0)
-            self.absmax[name] = m if n_all == 0 else torch.maximum(self.absmax[name], m)
-            self.absmean[name] = a / X.shape[0] if n_all == 0 else \
-                self.absmean[name] * (n_all / (n_all + X.shape[0])) + a / (n_all + X.shape[0])
-            self.n_all[name] = n_all + X.shape[0]
+            a, m = X.abs().sum(0).double(), X.abs().amax(0)
+            self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
+            self.abssum[name] = a if name not in self.abssum else self.abssum[name].add_(a)
+            self.n_all[name] = self.n_all.get(name, 0) + X.shape[0]
             big = self._massive(X)
             if big is not None:
                 self.massive.setdefault(name, []).append(X[big])
                 X = X[~big]
-            self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), X, self.n.get(name, 0))
+            if name not in self.S:
+                self.S[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+            self.S[name].add_(X.t() @ X)            # the GEMM in fp32, the running sum in fp64
+            self.n[name] = self.n.get(name, 0) + X.shape[0]
             self.seconds += time.perf_counter() - t0
         return hook
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for h in self._handles:
             h.remove()
         self._seen.clear()
+        if exc_type is None:
+            self._reduce()
+            self._means()
+
+    def _reduce(self) -> None:
+        """Add up the other ranks' sums: after it each rank holds the statistics of every rank's batches."""
+        if self.group.size == 1:
+            return
+        self.owner = self.group.union(self.owner)       # a rank may not see some inputs (an expert never routed)
+        owners = sorted(set(self.owner.values()))
+        counts = torch.tensor([[self.n.get(o, 0), self.n_all.get(o, 0), self.samples.get(o, 0)] for o in owners],
+                              dtype=torch.int64)
+        sums, maxes = [counts], []
+        for o in owners:
+            IC = self.targets[o].weight.shape[1]
+            dev = self.targets[o].weight.device
+            self.S.setdefault(o, torch.zeros(IC, IC, dtype=torch.float64, device=dev))
+            self.abssum.setdefault(o, torch.zeros(IC, dtype=torch.float64, device=dev))
+            self.absmax.setdefault(o, torch.zeros(IC, device=dev))          # |x| ≥ 0: zero changes no max
+            sums += [self.S[o], self.abssum[o]]
+            maxes.append(self.absmax[o])
+            if self.want_cov:
+                sums.append(self.cov.setdefault(o, torch.zeros(IC, IC, dtype=torch.float64, device=dev)))
+        self.group.sum_(sums)
+        self.group.max_(maxes)
+        for o, (n, n_all, samples) in zip(owners, counts.tolist(), strict=True):
+            self.n[o], self.n_all[o] = n, n_all
+            if self.want_cov:
+                self.samples[o] = samples
+        # the massive rows of every rank's batches, in rank order, which is batch order (shares are contiguous)
+        rows = self.group.gather_lists([(o, x.cpu()) for o in owners for x in self.massive.get(o, [])])
+        self.massive = {}
+        for o, x in rows:
+            self.massive.setdefault(o, []).append(x.to(self.S[o].device))
+
+    def _means(self) -> None:
+        for o, S in self.S.items():
+            n = self.n[o]
+            self.H[o] = S.mul_(2.0 / n).float() if n else torch.zeros(S.shape, device=S.device)
+            self.absmean[o] = (self.abssum[o] / max(self.n_all[o], 1)).float()
+        for o, c in self.cov.items():
+            self.cov[o] = (c / self.samples[o]).float()
+        self.S, self.abssum = {}, {}
 
     def excluded_of(self, name: str) -> int:
         return sum(x.shape[0] for x in self.massive.get(self.owner[name], []))
@@ -175,7 +226,7 @@ class _Hessians:
 
     def covariance_of(self, name: str) -> torch.Tensor | None:
         owner = self.owner[name]
-        return self.cov[owner] / self.samples[owner] if owner in self.cov else None
+        return self.cov.get(owner)
 
     def shares_input(self, name: str) -> bool:
         return sum(o == self.owner[name] for o in self.owner.values()) > 1
@@ -264,6 +315,37 @@ def _fallbacks(unreached: dict, method: Method, scale_dtype, originals: dict, re
         phases["methods"] += time.time() - t0
 
 
+def _summed(counts: dict[str, list[int]], group: Solo) -> dict[str, list[int]]:
+    """Tokens routed to each expert, added up over the ranks."""
+    if group.size == 1:
+        return counts
+    out = {}
+    for part in group.gather_lists([counts]):
+        for path, c in part.items():
+            out[path] = [a + b for a, b in zip(out.get(path, [0] * len(c)), c, strict=True)]
+    return out
+
+
+def _solvers(seen: dict[str, nn.Linear], hess: _Hessians, group: Solo) -> dict[str, int]:
+    """The rank that solves each Linear. Linears sharing an input stay together (GPTQ factors their H once);
+    a group costs about IC³ (the factorization) plus OC·IC² per Linear (the solve)."""
+    by_input: dict[str, list[str]] = {}
+    for name in seen:
+        by_input.setdefault(hess.owner[name], []).append(name)
+    parts = list(by_input.values())
+    costs = []
+    for part in parts:
+        IC = seen[part[0]].weight.shape[1]
+        costs.append(IC ** 3 + sum(seen[n].weight.shape[0] * IC ** 2 for n in part))
+    return {n: r for part, r in zip(parts, group.assign(costs), strict=True) for n in part}
+
+
+def _moved(rec, device):
+    """The record with its tensor fields on device (to send it to other ranks, and to place it there)."""
+    return replace(rec, **{f.name: getattr(rec, f.name).to(device) for f in fields(rec)
+                           if isinstance(getattr(rec, f.name), torch.Tensor)})
+
+
 @dataclass
 class BlockContext:
     """What a block-scope method (Method.scope == "block") gets for one block."""
@@ -315,7 +397,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                onload: Callable[[int, nn.Module], None] | None = None,
                offload: Callable[[int, nn.Module, EngineResult], None] | None = None,
                stage_inputs: dict[int, list] | None = None,
-               massive_ratio: float | None = None, moe: MoESettings | None = None, store=None) -> EngineResult:
+               massive_ratio: float | None = None, moe: MoESettings | None = None, store=None,
+               group: Solo = SOLO) -> EngineResult:
     """Compress every block in order; `inputs` is [(hidden [B, T, D], kwargs)] per batch, on CPU.
 
     propagate: "quantized" feeds each block the outputs of the compressed blocks before it (GPTQ);
@@ -330,12 +413,15 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
     moe: fused experts become per-expert Linear targets (calibration/moe.py); experts the router sends fewer than
     moe.min_tokens tokens get a damped Hessian, and those it sends none the method's data-free `fallback`.
     store: a resume.BlockStore; its finished blocks are put back as they were saved, the rest saved as they finish.
+    group: the ranks of a distributed run (calibration/distributed.py); `inputs` and `stage_inputs` hold this rank's
+    share of the batches. Statistics are summed over the ranks, the solves of a stage shared out between them (each
+    record then sent to all), and each rank carries its own share of the streams to the next block.
     """
     stage_inputs = stage_inputs or {}
     result = EngineResult()
     phases = result.phase_seconds
     t_start = time.time()
-    n_tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
+    n_tokens = group.total(sum(h.shape[0] * h.shape[1] for h, _ in inputs))
 
     def forward(block, inputs, keep: bool):
         """The block's outputs for every batch, on CPU; keep=False runs it for the hooks alone."""
@@ -360,8 +446,8 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         """One calibration forward with the stage's hooks on `targets`, then the method on each of them.
         Returns the block's full-precision outputs (fp_outs) once a forward computed them."""
         t0 = time.perf_counter()
-        units = UnitInputs(block, f"{prefix}.{i}", targets)
-        hess = _Hessians(targets, "sample_covariance" in method.needs, massive_ratio)
+        units = UnitInputs(block, f"{prefix}.{i}", targets, group)
+        hess = _Hessians(targets, "sample_covariance" in method.needs, massive_ratio, group)
         on_fp = method.calibrate_on == "fp" and fp_inputs is not None
         with hess, (units if "unit" in method.needs else nullcontext()), \
                 _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
@@ -370,7 +456,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         if want_fp:
             fp_outs = outs
         del outs
-        for path, counts in routed.take_counts().items():
+        for path, counts in _summed(routed.take_counts(), group).items():
             result.expert_tokens.setdefault(path, counts)
         phases["stats_forward"] += time.perf_counter() - t0
         phases["stats_accumulate"] += hess.seconds
@@ -397,8 +483,12 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
         _fallbacks(unreached, method, scale_dtype, originals, result, phases)
         if method.scope == "block":
             t0 = time.time()
-            ctx = BlockContext(block, f"{prefix}.{i}", i, seen, stats, inputs, fp_inputs, fp_next, device,
-                               compute_dtype, progress)
+            # Every rank runs the method on the whole calibration set: its observers and training steps walk the
+            # samples in order (Quamba's percentile EMA, PTQ1.61's one-sample steps), which no sum of per-rank parts
+            # reproduces, and a rank-0-only run would leave the others without its new submodules. sync_module
+            # then makes rank 0's result everyone's.
+            whole = [None if s is None else group.gather_lists(s) for s in (inputs, fp_inputs, fp_next)]
+            ctx = BlockContext(block, f"{prefix}.{i}", i, seen, stats, *whole, device, compute_dtype, progress)
             weights = {n: m.weight.data.float().clone() for n, m in seen.items()}
             records = method.apply_block(ctx)
             seconds = (time.time() - t0) / max(len(records), 1)
@@ -411,7 +501,12 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             phases["methods"] += time.time() - t0
             del hess, units, ctx
             return fp_outs
+        # AdaDim scores a Linear with its earlier siblings compressed, so "unit" stages solve in order on every rank
+        solver = _solvers(seen, hess, group) if group.size > 1 and "unit" not in method.needs else None
+        done = {}
         for name, mod in seen.items():
+            if solver is not None and solver[name] != group.rank:
+                continue
             t0 = time.time()
             W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
             st = stats[name]
@@ -419,9 +514,18 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], device)
             rec = method.apply(name, W, st)
             rec.info.update(few.get(name, {}))
-            _install(rec, mod, W, st["error_hessian"], originals.get(name), st["tokens"], time.time() - t0, result,
-                     excluded=st["excluded_tokens"])
+            if solver is None:
+                _install(rec, mod, W, st["error_hessian"], originals.get(name), st["tokens"], time.time() - t0,
+                         result, excluded=st["excluded_tokens"])
+            else:
+                done[name] = (_moved(rec, "cpu"), time.time() - t0)
             phases["methods"] += time.time() - t0
+        if solver is not None:
+            for name, mod in seen.items():          # each record from the rank that solved it to all, in order
+                rec, seconds = group.broadcast(done.get(name), src=solver[name])
+                st = stats[name]
+                _install(_moved(rec, device), mod, mod.weight.data.float().clone(), st["error_hessian"],
+                         originals.get(name), st["tokens"], seconds, result, excluded=st["excluded_tokens"])
         del hess, units
         return fp_outs
 
@@ -447,6 +551,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                 progress({"event": "block_end", "index": i, "total": len(blocks), "tokens": n_tokens,
                           "seconds": result.block_seconds[-1], "elapsed": time.time() - t_start, "restored": True})
             continue
+        group.block_started(i)
         before = _counts(result)
         rest = rest_dtype or next(block.parameters()).dtype
         block.to(device, compute_dtype)
@@ -489,6 +594,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
                                     fp_outs)
         del originals
         moe_stack.close()           # the fused parameters hold every expert's result already
+        group.sync_module(block)
         # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).
         t0 = time.perf_counter()
         if propagate == "fp" and fp_outs is not None:

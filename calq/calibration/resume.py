@@ -176,3 +176,56 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def recipe_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class SharedStore:
+    """Rank 0's BlockStore as every rank of a distributed run sees it (calibration/distributed.py).
+
+    Only rank 0 reads and writes the folder. The streams are saved whole, every rank's share in batch order as a
+    single process saves them, and handed back in shares on resuming; the other ranks need nothing else, since
+    only rank 0 keeps the records and writes the checkpoint.
+    """
+
+    def __init__(self, store: BlockStore | None, group):
+        self.store, self.group = store, group
+        self.done = group.broadcast(store.done if store is not None else None)
+
+    def restore(self, i: int, block, prefix: str, result) -> None:
+        if self.store is not None:
+            self.store.restore(i, block, prefix, result)
+        else:
+            result.block_seconds.append(0.0)
+
+    def save(self, i: int, block, results: dict, inputs: list, stage_inputs: dict, fp_inputs: list | None) -> None:
+        shares = self.group.gather(_hidden(inputs, stage_inputs, fp_inputs))
+        if self.store is None:
+            return
+        whole = [[(h, None) for part in shares for h in part[k]] if shares[0][k] is not None else None
+                 for k in range(len(shares[0]))]
+        stage = dict(zip(stage_inputs, whole[1:-1], strict=True))
+        self.store.save(i, block, results, whole[0], stage, whole[-1])
+
+    def resume_streams(self, inputs: list, stage_inputs: dict, fp_inputs: list | None) -> None:
+        streams = (inputs, *stage_inputs.values(), fp_inputs)
+        lengths = self.group.gather([None if s is None else len(s) for s in streams])
+        parts = None
+        if self.store is not None:
+            n = [sum(part[k] for part in lengths) if lengths[0][k] is not None else None
+                 for k in range(len(lengths[0]))]
+            whole = [None if m is None else [(None, None)] * m for m in n]
+            self.store.resume_streams(whole[0], dict(zip(stage_inputs, whole[1:-1], strict=True)), whole[-1])
+            parts, start = [], [0] * len(n)
+            for part in lengths:
+                parts.append(([None if w is None else [h for h, _ in w[a:a + m]]
+                               for w, a, m in zip(whole, start, part, strict=True)], torch.get_rng_state()))
+                start = [a + (m or 0) for a, m in zip(start, part, strict=True)]
+        mine, rng = self.group.scatter(parts)
+        for stream, hidden in zip([inputs, *stage_inputs.values(), fp_inputs], mine, strict=True):
+            for j, h in enumerate(hidden or []):
+                stream[j] = (h, stream[j][1])
+        torch.set_rng_state(rng)
+
+
+def _hidden(inputs: list, stage_inputs: dict, fp_inputs: list | None) -> list:
+    """The hidden states of each stream (main, each stage's own, the FP path or None), without their kwargs."""
+    return [None if s is None else [h for h, _ in s] for s in (inputs, *stage_inputs.values(), fp_inputs)]

@@ -94,13 +94,15 @@ class ModelSource:
         finally:
             self.model.to("cpu", self.store_dtype)
 
-    def engine_hooks(self, out: Path) -> dict:
-        """The engine's onload/offload hooks: in disk mode each finished block is written to out as its shard."""
+    def engine_hooks(self, out: Path | None) -> dict:
+        """The engine's onload/offload hooks: in disk mode each finished block is written to out as its shard
+        (out None: dropped unwritten, on the ranks of a distributed run that do not write)."""
         if self.disk is None:
             return {}
         from calq.export.writer import ShardedWriter
 
-        self.writer = ShardedWriter(out, len(self.disk.blocks) + 1, self.store_dtype, CheckpointNames(self.model))
+        if out is not None:
+            self.writer = ShardedWriter(out, len(self.disk.blocks) + 1, self.store_dtype, CheckpointNames(self.model))
         return {"onload": self.disk.onload, "offload": _write_block(self.disk, self.writer)}
 
     def write(self, records: list, out: Path, ignore: list[str]) -> dict:
@@ -137,11 +139,13 @@ class ModelSource:
 
 
 def _write_block(disk: DiskBlocks, writer):
-    """The engine's offload hook in disk mode: write block i as its own shard, then drop its tensors."""
+    """The engine's offload hook in disk mode: write block i as its own shard (unless writer is None), then drop
+    its tensors."""
     def offload(i: int, block, result) -> None:
         name = f"{disk.prefix}.{i}."
         records = [m.record for m in result.modules if m.record.name.startswith(name)]
-        writer.add({name + k: v for k, v in block.state_dict().items()}, records)
+        if writer is not None:
+            writer.add({name + k: v for k, v in block.state_dict().items()}, records)
         for rec in records:     # shapes stay for the report and quantization_config; the data is on disk
             if isinstance(rec, Packed):
                 rec.tensors = {k: v.to("meta") for k, v in rec.tensors.items()}

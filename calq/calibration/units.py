@@ -4,6 +4,8 @@ A Linear whose input is shared with siblings (q/k/v, gate/up) is scored on its p
 (attention, MLP), fed the parent's own captured calibration inputs; any other Linear (o_proj, down_proj)
 on its own output, which needs no forward at all: mean((X ΔWᵀ)²) = tr(ΔW H ΔWᵀ) / (2·OC) with H = 2/N XᵀX.
 Found from the module tree and the shared inputs seen during calibration, not from module names.
+In a distributed run each rank holds a share of the batches: the squared errors are summed over the ranks (fp64),
+so every rank scores a candidate on the whole calibration set.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import torch
 from torch import nn
 
 from calq.calibration.blocks import block_output, to_device
+from calq.calibration.distributed import SOLO, Solo
 
 
 class UnitInputs:
     """Captures (args, kwargs) of every parent of the target Linears during one calibration forward."""
 
-    def __init__(self, block: nn.Module, block_prefix: str, targets: dict[str, nn.Linear]):
+    def __init__(self, block: nn.Module, block_prefix: str, targets: dict[str, nn.Linear], group: Solo = SOLO):
         self.prefix = block_prefix
+        self.group = group
         self.parents: dict[str, nn.Module] = {}
         for name in targets:
             parent = name.rsplit(".", 1)[0]
@@ -60,14 +64,15 @@ class UnitInputs:
         def unit_errors(candidates):
             y_ref = run()                                      # with the current weights (earlier siblings done)
             original = mod.weight.data.clone()
-            errs = []
+            sums = []
             try:
                 for W_c in candidates:
                     mod.weight.data.copy_(W_c.to(original.dtype))
                     y = run()
-                    n = sum(t.numel() for t in y)
-                    errs.append(float(sum(((a - b) ** 2).sum() for a, b in zip(y, y_ref, strict=True)) / n))
+                    sums.append(sum(float(((a - b) ** 2).sum()) for a, b in zip(y, y_ref, strict=True)))
             finally:
                 mod.weight.data.copy_(original)
-            return errs
+            total = torch.tensor([*sums, sum(t.numel() for t in y_ref)], dtype=torch.float64)
+            self.group.sum_([total])
+            return [float(e) / float(total[-1]) for e in total[:-1]]
         return unit_errors

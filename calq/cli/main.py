@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -22,6 +23,11 @@ class Terminated(KeyboardInterrupt):
 
 
 def _error(message: str) -> None:
+    if "WORLD_SIZE" in os.environ:      # under torchrun: rank 0 prints the run's one line, whichever rank failed
+        from calq.api import process_rank
+
+        if process_rank() != 0:
+            return
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
@@ -128,11 +134,26 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
              allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
              resume: bool = typer.Option(False, "--resume", help="Save each finished block next to the output "
                                          "(.OUTPUT.partial) and continue an interrupted run of the same recipe "
-                                         "from there; the checkpoint is the same, byte for byte.")):
+                                         "from there; the checkpoint is the same, byte for byte."),
+             nproc: int = typer.Option(1, "--nproc", min=1, help="Calibrate with this many processes on this machine "
+                                       "(torch.distributed.run; CPU threads are split between them). Several "
+                                       "machines: start `torchrun --nnodes … -m calq compress …` on each.")):
     """Compress a model with a recipe; write a safetensors checkpoint and report.json/report.md."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        flags = [("--model", model), ("--device", device), ("--seed", seed), ("--num-samples", num_samples),
+                 ("--seq-len", seq_len), ("--offload", offload)]
+        args = [recipe, "--output", str(output), *[str(x) for f, v in flags if v is not None for x in (f, v)],
+                *[f for f, on in (("--no-eval", no_eval), ("--overwrite", overwrite),
+                                  ("--allow-pickle", allow_pickle), ("--resume", resume)) if on]]
+        raise typer.Exit(_launch(nproc, ["--debug"] * _state["debug"] + ["compress", *args]))
     from calq import api
     from calq.cli.render import EventProgress, report_table
 
+    if api.process_rank() != 0:      # a helper rank of a distributed run: no progress, no report
+        _run(api.compress, recipe, output, model=model, device=device, seed=seed, num_samples=num_samples,
+             seq_len=seq_len, evaluate=not no_eval, overwrite=overwrite, offload=offload,
+             allow_pickle=allow_pickle, resume=resume)
+        return
     with EventProgress(console) as progress:
         report = _run(api.compress, recipe, output, model=model, device=device, seed=seed,
                       num_samples=num_samples, seq_len=seq_len, evaluate=not no_eval, overwrite=overwrite,
@@ -143,6 +164,29 @@ def compress(recipe: str = typer.Argument(..., help="Recipe file, or the name of
     for w in untouched_warnings(report.model_dump()):
         console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     console.print(f"wrote [bold]{output}[/] (report.md, report.json)")
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """`python -m torch.distributed.run --nproc-per-node N -m calq ARGV` in this process; its exit code. The ranks
+    print the run's messages, so the launcher's own logs and its summary of a failed rank are left out."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for name in list(logging.root.manager.loggerDict):     # each of the launcher's loggers has its own level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "calq", *argv]))
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code       # killed by a signal: the shell's convention
+    except SignalException as e:        # Ctrl-C or SIGTERM: the launcher stopped the ranks, rank 0 said so
+        return 128 + e.sigval
+    return 0
 
 
 @app.command()

@@ -3,9 +3,11 @@
 The prediction adds what the run holds at its worst moment on the host (CPU compute; on an accelerator the block,
 Hessians and evaluation chunk live there instead):
   weights      the model as loaded (in RAM mode; with disk offload only what sits outside the blocks)
-  activations  the calibration hidden states of every sample, once per stream (engine: outputs replace inputs)
+  activations  the calibration hidden states of every sample, once per stream (engine: outputs replace inputs);
+               a rank of a distributed run holds its share, unless a block-scope stage gathers the whole set
   block        the largest block upcast to the compute dtype, plus the copy of its weights before any stage
   hessians     per Linear of the largest block IC² fp32, times 3: H, the inverse factor, one transient copy
+               (per shared input, the fp64 sum while calibrating takes two of those three)
   evaluation   one batch of hidden states and MLP activations, plus two chunks of fp32 logits
 """
 
@@ -26,8 +28,8 @@ def _bytes(t: torch.Tensor) -> int:
     return 0 if t.is_meta else t.numel() * t.element_size()
 
 
-def plan(recipe, model: nn.Module, compute_dtype: torch.dtype, evaluate: bool) -> dict[str, int]:
-    """Predicted bytes per part (PARTS) for this recipe on this model."""
+def plan(recipe, model: nn.Module, compute_dtype: torch.dtype, evaluate: bool, ranks: int = 1) -> dict[str, int]:
+    """Predicted bytes per part (PARTS) for this recipe on this model, on one of `ranks` processes."""
     cal, ev = recipe.calibration, recipe.evaluation
     stages = [METHODS[s.method](s) for s in recipe.stages]
     prefix, blocks = find_blocks(model)
@@ -39,6 +41,8 @@ def plan(recipe, model: nn.Module, compute_dtype: torch.dtype, evaluate: bool) -
     tokens = cal.num_samples * cal.seq_len * streams
     tokens += sum((s.calibration.num_samples or cal.num_samples) * (s.calibration.seq_len or cal.seq_len)
                   for s in recipe.stages if s.calibration is not None)
+    if not any(m.scope == "block" for m in stages):
+        tokens = -(-tokens // ranks)
     biggest = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
     linears = find_linears(biggest, prefix).values()
     block = sum(p.numel() for p in biggest.parameters()) * width + sum(m.weight.numel() * 4 for m in linears)
