@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure this machine's GEMM and Cholesky speed and print the floor they allow")
     args = ap.parse_args()
 
     from transformers import LlamaConfig
@@ -59,6 +61,53 @@ def main():
                  result, total, dev)
     for m in result.modules:
         print(f"  {m.record.name:40s} {m.seconds:7.2f}s  rel_error {m.rel_error:.4f}")
+    if args.floor:
+        parts = floor(args.hidden, args.intermediate, n_batches * args.seq_len, args.seq_len, dev)
+        t = Table(title=f"the floor this machine allows ({torch.get_num_threads()} threads)")
+        for c in ("part", "seconds"):
+            t.add_column(c, justify="right" if c == "seconds" else "left")
+        for name, sec in parts.items():
+            t.add_row(name, f"{sec:.2f}")
+        Console().print(t)
+        print(f"block {total:.1f} s against a floor of {parts['floor']:.1f} s: {total / parts['floor']:.2f}x")
+
+
+def _seconds(fn, reps: int = 3) -> float:
+    fn()                                    # warm-up: allocation, thread pool
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def floor(d: int, f: int, tokens: int, seq_len: int, dev: torch.device) -> dict[str, float]:
+    """What the block's work costs at this machine's measured fp32 GEMM rate and Cholesky speed.
+
+    Two block forwards (statistics, propagation): 2·T·(4d² + 3df) for the Linears and 4·S·d per token for
+    attention (S: window; full, not causal, as SDPA computes it on CPU). Hessians: 2·T·IC² for each of the four
+    distinct inputs (d three times, f once). GPTQ's updates: OC·IC² per Linear (each column's error times the
+    rest of its row). Plus one inverse Cholesky per distinct input, timed as calq computes it.
+    """
+    from calq.methods.gptq import inverse_cholesky
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    a, b = torch.randn(2048, d, device=dev), torch.randn(d, d, device=dev)
+    gemm = 2 * 2048 * d * d / _seconds(lambda: (a @ b, sync()))           # FLOP/s
+    chol = {}
+    for n in sorted({d, f}):
+        X = torch.randn(2 * n, n, device=dev)
+        H = X.t() @ X / (2 * n)
+        chol[n] = _seconds(lambda H=H: (inverse_cholesky(H, 0.01, 1), sync()), reps=1)
+    forward = 2 * tokens * (4 * d * d + 3 * d * f) + 4 * tokens * seq_len * d
+    hessians = 2 * tokens * (3 * d * d + f * f)
+    solves = 4 * d * d * d + 2 * f * d * d + d * f * f
+    out = {"fp32 GEMM rate (GFLOP/s, measured)": gemm / 1e9,
+           "two block forwards": 2 * forward / gemm, "Hessians": hessians / gemm, "GPTQ updates": solves / gemm,
+           "inverse Choleskys (3 of d, 1 of f; measured)": 3 * chol[d] + chol[f]}
+    out["floor"] = sum(v for k, v in out.items() if not k.startswith("fp32"))
+    return out
 
 
 def random_inputs(rotary, tokens: int, seq_len: int, hidden: int, dtype: torch.dtype) -> list:
