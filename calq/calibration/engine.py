@@ -20,6 +20,7 @@ from calq.calibration.adapters import attach_adapter
 from calq.calibration.blocks import block_output, find_linears, matches, to_device
 from calq.calibration.distributed import SOLO, Solo
 from calq.calibration.moe import MoESettings, expert_passes, few_token_hessians, list_experts, unfused
+from calq.calibration.statistics import Statistics
 from calq.calibration.units import UnitInputs
 from calq.errors import CalqError
 from calq.methods.base import Adapter, Compressed, Packed, Replaced
@@ -61,175 +62,6 @@ def stage_targets(linears: dict[str, nn.Linear], stage, routers: set[str] = froz
     named = [t for t in stage.targets if t.startswith("re:") or "." in t]
     return {n: m for n, m in linears.items() if matches(n, m, stage.targets) and not matches(n, m, stage.ignore)
             and (n not in routers or matches(n, m, named))}
-
-
-class _Hessians:
-    """One running XᵀX per distinct input: Linears fed the same tensor (q/k/v, gate/up) share it.
-
-    massive_ratio: tokens whose energy ‖x‖² exceeds this multiple of the batch's median token energy are held apart
-    (their rows are kept, few as they are), so a method can have H with or without them. Such tokens are attention
-    sinks with massive activations (Sun et al. 2024): in SmolLM2-135M, 10 of 4096 tokens at layers 11 and 28's
-    down_proj, 2·10³–4·10⁵ times the median energy (other tokens ≤ 7×) and 78–100 % of trace(H). GPTQ fitted to
-    them doubles every other token's error; left out entirely, it pushes error into the very column they read.
-    Methods with `robust_statistics` (GPTQ, EoRA) solve on H without them; importance statistics (absmax,
-    absmean, the all-token diag of H that orders GPTQ's columns) and the other methods count every token.
-
-    Sums (XᵀX, |x|, the covariance) are kept in fp64 and divided once at the end: an fp64 sum of fp32 terms hardly
-    depends on their order, so the statistics come out the same however the batches are split between ranks
-    (`group`, calibration/distributed.py), whose sums are added on leaving the `with` block.
-    """
-
-    def __init__(self, targets: dict[str, nn.Linear], sample_covariance: bool = False,
-                 massive_ratio: float | None = None, group: Solo = SOLO):
-        self.targets = targets
-        self.want_cov = sample_covariance
-        self.massive_ratio = massive_ratio
-        self.group = group
-        self.cov: dict[str, torch.Tensor] = {}           # Σ_s X̃_sᵀX̃_s, X̃_s = X_s / |max X_s| (CorDA); then / samples
-        self.samples: dict[str, int] = {}
-        self.owner: dict[str, str] = {}        # module -> module whose accumulator it shares
-        self.S: dict[str, torch.Tensor] = {}             # Σ xxᵀ over the ordinary tokens, fp64
-        self.H: dict[str, torch.Tensor] = {}             # 2/n·S, fp32, on leaving
-        self.massive: dict[str, list[torch.Tensor]] = {}  # rows of the massive tokens [m, IC], per owner
-        self.abssum: dict[str, torch.Tensor] = {}        # Σ |x| per input channel, every token, fp64
-        self.absmean: dict[str, torch.Tensor] = {}       # abssum / n_all, fp32, on leaving
-        self.absmax: dict[str, torch.Tensor] = {}
-        self.n: dict[str, int] = {}                      # ordinary tokens
-        self.n_all: dict[str, int] = {}
-        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
-        self._handles = []
-        self.seconds = 0.0
-
-    def __enter__(self):
-        for name, mod in self.targets.items():
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def _massive(self, X: torch.Tensor) -> torch.Tensor | None:
-        """Bool [N] of the massive tokens among the rows of X [N, IC], or None if there are none."""
-        if self.massive_ratio is None:
-            return None
-        energy = X.pow(2).sum(1)
-        big = energy > self.massive_ratio * energy.median()
-        return big if bool(big.any()) else None
-
-    def _hook(self, name):
-        def hook(_mod, args):
-            X = args[0]
-            if name not in self.owner:      # first batch: find who shares this input
-                # Holding X keeps its memory from being freed and reused by a later, different input.
-                self.owner[name] = self._seen.setdefault(X.data_ptr(), (name, X))[0]
-            if self.owner[name] != name:
-                return
-            t0 = time.perf_counter()
-            if self.want_cov:
-                Xs = X.detach().float().reshape(X.shape[0], -1, X.shape[-1])      # [B, T, IC]
-                Xs = Xs / Xs.amax(dim=(1, 2), keepdim=True).abs()                # per sample, signed max (spec)
-                c = torch.einsum("bti,btj->ij", Xs, Xs).double()
-                self.cov[name] = c if name not in self.cov else self.cov[name].add_(c)
-                self.samples[name] = self.samples.get(name, 0) + Xs.shape[0]
-            X = X.detach().reshape(-1, X.shape[-1]).float()       # [N, IC]
-            if not torch.isfinite(X).all():
-                raise CalqError(f"non-finite calibration activations entering {name}",
-                                "check the model in fp32, or calibrate with other data")
-            a, m = X.abs().sum(0).double(), X.abs().amax(0)
-            self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
-            self.abssum[name] = a if name not in self.abssum else self.abssum[name].add_(a)
-            self.n_all[name] = self.n_all.get(name, 0) + X.shape[0]
-            big = self._massive(X)
-            if big is not None:
-                self.massive.setdefault(name, []).append(X[big])
-                X = X[~big]
-            if name not in self.S:
-                self.S[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
-            self.S[name].add_(X.t() @ X)            # the GEMM in fp32, the running sum in fp64
-            self.n[name] = self.n.get(name, 0) + X.shape[0]
-            self.seconds += time.perf_counter() - t0
-        return hook
-
-    def __exit__(self, exc_type, *exc):
-        for h in self._handles:
-            h.remove()
-        self._seen.clear()
-        if exc_type is None:
-            self._reduce()
-            self._means()
-
-    def _reduce(self) -> None:
-        """Add up the other ranks' sums: after it each rank holds the statistics of every rank's batches."""
-        if self.group.size == 1:
-            return
-        self.owner = self.group.union(self.owner)       # a rank may not see some inputs (an expert never routed)
-        owners = sorted(set(self.owner.values()))
-        counts = torch.tensor([[self.n.get(o, 0), self.n_all.get(o, 0), self.samples.get(o, 0)] for o in owners],
-                              dtype=torch.int64)
-        sums, maxes = [counts], []
-        for o in owners:
-            IC = self.targets[o].weight.shape[1]
-            dev = self.targets[o].weight.device
-            self.S.setdefault(o, torch.zeros(IC, IC, dtype=torch.float64, device=dev))
-            self.abssum.setdefault(o, torch.zeros(IC, dtype=torch.float64, device=dev))
-            self.absmax.setdefault(o, torch.zeros(IC, device=dev))          # |x| ≥ 0: zero changes no max
-            sums += [self.S[o], self.abssum[o]]
-            maxes.append(self.absmax[o])
-            if self.want_cov:
-                sums.append(self.cov.setdefault(o, torch.zeros(IC, IC, dtype=torch.float64, device=dev)))
-        self.group.sum_(sums)
-        self.group.max_(maxes)
-        for o, (n, n_all, samples) in zip(owners, counts.tolist(), strict=True):
-            self.n[o], self.n_all[o] = n, n_all
-            if self.want_cov:
-                self.samples[o] = samples
-        # the massive rows of every rank's batches, in rank order, which is batch order (shares are contiguous)
-        rows = self.group.gather_lists([(o, x.cpu()) for o in owners for x in self.massive.get(o, [])])
-        self.massive = {}
-        for o, x in rows:
-            self.massive.setdefault(o, []).append(x.to(self.S[o].device))
-
-    def _means(self) -> None:
-        for o, S in self.S.items():
-            n = self.n[o]
-            self.H[o] = S.mul_(2.0 / n).float() if n else torch.zeros(S.shape, device=S.device)
-            self.absmean[o] = (self.abssum[o] / max(self.n_all[o], 1)).float()
-        for o, c in self.cov.items():
-            self.cov[o] = (c / self.samples[o]).float()
-        self.S, self.abssum = {}, {}
-
-    def excluded_of(self, name: str) -> int:
-        return sum(x.shape[0] for x in self.massive.get(self.owner[name], []))
-
-    def of(self, name: str, robust: bool = True) -> tuple[torch.Tensor, int]:
-        """(H, tokens): without the massive tokens (robust), or over every token."""
-        owner = self.owner[name]
-        H, n = self.H[owner], self.n[owner]
-        if robust or owner not in self.massive:
-            return H, n
-        M = torch.cat(self.massive[owner])                  # [m, IC]
-        n_all = n + M.shape[0]
-        return (H * (n / n_all)).addmm_(M.t(), M, alpha=2.0 / n_all), n_all
-
-    def diag_all(self, name: str) -> torch.Tensor:
-        """diag of H over every token [IC]: what orders GPTQ's columns."""
-        owner = self.owner[name]
-        d = torch.diagonal(self.H[owner]).clone()
-        if owner not in self.massive:
-            return d
-        M = torch.cat(self.massive[owner])
-        n, n_all = self.n[owner], self.n[owner] + M.shape[0]
-        return d * (n / n_all) + 2.0 / n_all * M.pow(2).sum(0)
-
-    def absmean_of(self, name: str) -> torch.Tensor:
-        return self.absmean[self.owner[name]]
-
-    def absmax_of(self, name: str) -> torch.Tensor:
-        return self.absmax[self.owner[name]]
-
-    def covariance_of(self, name: str) -> torch.Tensor | None:
-        owner = self.owner[name]
-        return self.cov.get(owner)
-
-    def shares_input(self, name: str) -> bool:
-        return sum(o == self.owner[name] for o in self.owner.values()) > 1
 
 
 @contextmanager
@@ -326,7 +158,7 @@ def _summed(counts: dict[str, list[int]], group: Solo) -> dict[str, list[int]]:
     return out
 
 
-def _solvers(seen: dict[str, nn.Linear], hess: _Hessians, group: Solo) -> dict[str, int]:
+def _solvers(seen: dict[str, nn.Linear], hess: Statistics, group: Solo) -> dict[str, int]:
     """The rank that solves each Linear. Linears sharing an input stay together (GPTQ factors their H once);
     a group costs about IC³ (the factorization) plus OC·IC² per Linear (the solve)."""
     by_input: dict[str, list[str]] = {}
@@ -409,7 +241,7 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
     and finished: disk offload fills the block from safetensors there, and writes and drops it.
     stage_inputs: {index in stages: [(hidden, kwargs)]} for stages calibrated on their own data; each such
     stream is carried through the compressed blocks like `inputs`.
-    massive_ratio: tokens above this multiple of the median token energy stay out of the statistics (_Hessians).
+    massive_ratio: tokens above this multiple of the median token energy stay out of the statistics (Statistics).
     moe: fused experts become per-expert Linear targets (calibration/moe.py); experts the router sends fewer than
     moe.min_tokens tokens get a damped Hessian, and those it sends none the method's data-free `fallback`.
     store: a resume.BlockStore; its finished blocks are put back as they were saved, the rest saved as they finish.
@@ -417,90 +249,224 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
     share of the batches. Statistics are summed over the ranks, the solves of a stage shared out between them (each
     record then sent to all), and each rank carries its own share of the streams to the next block.
     """
-    stage_inputs = stage_inputs or {}
-    result = EngineResult()
-    phases = result.phase_seconds
-    t_start = time.time()
+    loop = _Loop(prefix, inputs, stages, device, scale_dtype, progress, propagate, compute_dtype, rest_dtype,
+                 stage_inputs or {}, massive_ratio, moe, group)
     n_tokens = group.total(sum(h.shape[0] * h.shape[1] for h, _ in inputs))
+    result = loop.result
+    for i, block in enumerate(blocks):
+        t_block = time.time()
+        if progress:
+            progress({"event": "block_start", "index": i, "total": len(blocks),
+                      "methods": [s.name for s in stages], "elapsed": t_block - loop.t_start})
+        if onload:
+            onload(i, block)
+        restored = store is not None and i < store.done         # finished by an earlier, interrupted run
+        if restored:
+            store.restore(i, block, f"{prefix}.{i}", result)
+            if i == store.done - 1:
+                store.resume_streams(inputs, loop.stage_inputs, loop.fp_inputs)
+        else:
+            group.block_started(i)
+            before = _counts(result)
+            loop.block(i, block)
+            if store is not None:
+                store.save(i, block, _since(result, before, time.time() - t_block), inputs, loop.stage_inputs,
+                           loop.fp_inputs)
+        if offload:
+            offload(i, block, result)
+        if not restored:
+            result.block_seconds.append(time.time() - t_block)
+        if progress:
+            progress({"event": "block_end", "index": i, "total": len(blocks), "tokens": n_tokens,
+                      "seconds": result.block_seconds[-1], "elapsed": time.time() - loop.t_start,
+                      **({"restored": True} if restored else {})})
+    return result
 
-    def forward(block, inputs, keep: bool):
+
+@dataclass
+class _Block:
+    """One block while it is compressed: what its stages share."""
+
+    index: int
+    module: nn.Module                   # on the device, in the compute dtype
+    linears: dict[str, nn.Linear]
+    originals: dict[str, torch.Tensor]  # its weights before any stage (when a stage reads them)
+    routed: object                      # moe.unfused's view of its fused experts
+    experts: set[str]
+    fp_next: list | None                # the original block's outputs along the full-precision path
+    fp_outs: list | None = None         # its full-precision outputs for `inputs`, once computed ("fp" propagate)
+
+
+class _Loop:
+    """The steps of run_blocks, over the state every block shares (see run_blocks for the arguments)."""
+
+    def __init__(self, prefix, inputs, stages, device, scale_dtype, progress, propagate, compute_dtype, rest_dtype,
+                 stage_inputs, massive_ratio, moe, group):
+        self.prefix, self.inputs, self.stages, self.device = prefix, inputs, stages, device
+        self.scale_dtype, self.progress, self.propagate = scale_dtype, progress, propagate
+        self.compute_dtype, self.rest_dtype, self.stage_inputs = compute_dtype, rest_dtype, stage_inputs
+        self.massive_ratio, self.moe, self.group = massive_ratio, moe, group
+        self.result = EngineResult()
+        self.phases = self.result.phase_seconds
+        self.t_start = time.time()
+        # The full-precision path, for methods that train towards the original model's outputs (PTQ1.61).
+        self.fp_inputs = [(h, kw) for h, kw in inputs] if any("fp_path" in s.needs for s in stages) else None
+        # A copy of each block's weights only for the stages that read them (it doubles the block's memory).
+        self.keep_originals = any("original_weight" in s.needs or s.calibrate_on != "current" or s.adapters
+                                  for s in stages)
+
+    def forward(self, block, inputs, keep: bool):
         """The block's outputs for every batch, on CPU; keep=False runs it for the hooks alone."""
         outs = []
         for hidden, kwargs in inputs:
-            out = block_output(block(hidden.to(device), **to_device(kwargs, device)))
+            out = block_output(block(hidden.to(self.device), **to_device(kwargs, self.device)))
             if keep:
                 outs.append(out.cpu())
         return outs
 
-    def advance(block, i, stream):
+    def advance(self, block, i, stream):
         """Replace each batch of a stream by the block's output for it in place: one batch at a time on the
         device, and never a second copy of the stream in RAM."""
         for j, (hidden, kwargs) in enumerate(stream):
-            out = block_output(block(hidden.to(device), **to_device(kwargs, device)))
+            out = block_output(block(hidden.to(self.device), **to_device(kwargs, self.device)))
             if not torch.isfinite(out).all():
-                raise CalqError(f"non-finite outputs from block {i} ({prefix}.{i}) after compression",
+                raise CalqError(f"non-finite outputs from block {i} ({self.prefix}.{i}) after compression",
                                 "try more bits, a larger dampening_frac, or fp32 compute (--device cpu)")
             stream[j] = (out.cpu(), kwargs)
 
-    def calibrate(block, i, k, method, targets, linears, originals, routed, experts, fp_next, fp_outs):
-        """One calibration forward with the stage's hooks on `targets`, then the method on each of them.
-        Returns the block's full-precision outputs (fp_outs) once a forward computed them."""
+    def block(self, i: int, module: nn.Module) -> None:
+        """Every stage on one block, then its compressed outputs become the next block's inputs."""
+        rest = self.rest_dtype or next(module.parameters()).dtype
+        module.to(self.device, self.compute_dtype)
+        moe_stack = ExitStack()
+        name = f"{self.prefix}.{i}"
+        routed = moe_stack.enter_context(unfused(module, name, self.moe))
+        self.result.skipped += [{"name": n, "reason": f"fused experts left in full precision: {r}"}
+                                for n, r in routed.left.items()]
+        linears = find_linears(module, name)
+        listed, routers = list_experts(module, name)
+        b = _Block(i, module, linears, {}, routed, set(routed.experts) | listed, None)
+        if self.keep_originals:
+            b.originals = {n: m.weight.data.float().clone() for n, m in linears.items()}
+        if self.fp_inputs is not None:
+            t0 = time.perf_counter()
+            b.fp_next = [block_output(module(h.to(self.device), **to_device(kw, self.device))).cpu()
+                         for h, kw in self.fp_inputs]
+            self.phases["propagate"] += time.perf_counter() - t0
+        for k, method in enumerate(self.stages):
+            targets = stage_targets(linears, method.config, routers)
+            if method.adapters or method.scope == "block":
+                targets = _without_fused(targets, routed.experts, method, self.result)
+            if not targets:
+                continue
+            if method.data_free:
+                self.data_free(b, method, targets)
+                continue
+            # experts_per_pass: the Hessians of a few experts at a time, one calibration forward each
+            for part in expert_passes(targets, routed.experts, self.moe.experts_per_pass if self.moe else None):
+                self.calibrate(b, k, method, part)
+        b.originals = {}
+        moe_stack.close()           # the fused parameters hold every expert's result already
+        self.group.sync_module(module)
+        self.propagate_outputs(b)
+        module.to("cpu", rest)
+
+    def propagate_outputs(self, b: _Block) -> None:
+        """The next block sees this block's outputs with compressed weights (or the FP ones)."""
         t0 = time.perf_counter()
-        units = UnitInputs(block, f"{prefix}.{i}", targets, group)
-        hess = _Hessians(targets, "sample_covariance" in method.needs, massive_ratio, group)
-        on_fp = method.calibrate_on == "fp" and fp_inputs is not None
+        if self.propagate == "fp" and b.fp_outs is not None:
+            for j, out in enumerate(b.fp_outs):
+                self.inputs[j] = (out, self.inputs[j][1])
+        else:
+            self.advance(b.module, b.index, self.inputs)
+        for stream in self.stage_inputs.values():        # a stage's own data goes through the same compressed block
+            self.advance(b.module, b.index, stream)
+        self.phases["propagate"] += time.perf_counter() - t0
+        if self.fp_inputs is not None:
+            self.fp_inputs = [(h, kw) for h, (_, kw) in zip(b.fp_next, self.fp_inputs, strict=True)]
+
+    def data_free(self, b: _Block, method: Method, targets: dict) -> None:
+        """A stage that needs no calibration data: from the weights alone, no error measured."""
+        if self.propagate == "fp" and b.fp_outs is None and self.inputs:      # the FP outputs, before compression
+            t0 = time.perf_counter()
+            b.fp_outs = self.forward(b.module, self.inputs, keep=True)
+            self.phases["propagate"] += time.perf_counter() - t0
+        for name, mod in targets.items():
+            t0 = time.time()
+            W = mod.weight.data.float().clone()
+            rec = method.apply(name, W, {"scale_dtype": self.scale_dtype, "original_weight": b.originals.get(name)})
+            _install(rec, mod, W, None, b.originals.get(name), 0, time.time() - t0, self.result)
+            self.phases["methods"] += time.time() - t0
+
+    def calibrate(self, b: _Block, k: int, method: Method, targets: dict) -> None:
+        """One calibration forward with the stage's hooks on `targets`, then the method on each of them."""
+        t0 = time.perf_counter()
+        units = UnitInputs(b.module, f"{self.prefix}.{b.index}", targets, self.group)
+        hess = Statistics(targets, "sample_covariance" in method.needs, self.massive_ratio, self.group)
+        on_fp = method.calibrate_on == "fp" and self.fp_inputs is not None
         with hess, (units if "unit" in method.needs else nullcontext()), \
-                _weights(linears, originals if method.calibrate_on in ("original", "fp") else None):
-            want_fp = propagate == "fp" and fp_outs is None
-            outs = forward(block, fp_inputs if on_fp else stage_inputs.get(k, inputs), keep=want_fp)
+                _weights(b.linears, b.originals if method.calibrate_on in ("original", "fp") else None):
+            want_fp = self.propagate == "fp" and b.fp_outs is None
+            outs = self.forward(b.module, self.fp_inputs if on_fp else self.stage_inputs.get(k, self.inputs),
+                                keep=want_fp)
         if want_fp:
-            fp_outs = outs
+            b.fp_outs = outs
         del outs
-        for path, counts in _summed(routed.take_counts(), group).items():
-            result.expert_tokens.setdefault(path, counts)
-        phases["stats_forward"] += time.perf_counter() - t0
-        phases["stats_accumulate"] += hess.seconds
+        for path, counts in _summed(b.routed.take_counts(), self.group).items():
+            self.result.expert_tokens.setdefault(path, counts)
+        self.phases["stats_forward"] += time.perf_counter() - t0
+        self.phases["stats_accumulate"] += hess.seconds
         seen, unreached = {}, {}
         for name, mod in targets.items():
-            if name not in hess.owner and name in experts:
+            if name not in hess.owner and name in b.experts:
                 unreached[name] = mod           # an expert the router never chose
-                continue
-            if name not in hess.owner:
+            elif name not in hess.owner:
                 # e.g. Mamba's dt_proj: the model reads .weight directly, so no input is ever seen
-                result.skipped.append({"name": name, "reason": "its forward is never called, so no "
-                                       "calibration inputs were seen; left unquantized"})
-                continue
-            seen[name] = mod
+                self.result.skipped.append({"name": name, "reason": "its forward is never called, so no "
+                                            "calibration inputs were seen; left unquantized"})
+            else:
+                seen[name] = mod
         stats = {}
         for name in seen:
             H, n = hess.of(name, robust=method.robust_statistics)
-            stats[name] = {"hessian": H, "tokens": n, "scale_dtype": scale_dtype,
+            stats[name] = {"hessian": H, "tokens": n, "scale_dtype": self.scale_dtype,
                            "hessian_diag_all": hess.diag_all(name), "error_hessian": hess.of(name)[0],
                            "input_absmean": hess.absmean_of(name), "input_absmax": hess.absmax_of(name),
-                           "original_weight": originals.get(name), "sample_covariance": hess.covariance_of(name),
+                           "original_weight": b.originals.get(name), "sample_covariance": hess.covariance_of(name),
                            "input_owner": hess.owner[name], "excluded_tokens": hess.excluded_of(name)}
-        few = few_token_hessians(stats, experts, moe) if moe else {}
-        _fallbacks(unreached, method, scale_dtype, originals, result, phases)
+        few = few_token_hessians(stats, b.experts, self.moe) if self.moe else {}
+        _fallbacks(unreached, method, self.scale_dtype, b.originals, self.result, self.phases)
         if method.scope == "block":
-            t0 = time.time()
-            # Every rank runs the method on the whole calibration set: its observers and training steps walk the
-            # samples in order (Quamba's percentile EMA, PTQ1.61's one-sample steps), which no sum of per-rank parts
-            # reproduces, and a rank-0-only run would leave the others without its new submodules. sync_module
-            # then makes rank 0's result everyone's.
-            whole = [None if s is None else group.gather_lists(s) for s in (inputs, fp_inputs, fp_next)]
-            ctx = BlockContext(block, f"{prefix}.{i}", i, seen, stats, *whole, device, compute_dtype, progress)
-            weights = {n: m.weight.data.float().clone() for n, m in seen.items()}
-            records = method.apply_block(ctx)
-            seconds = (time.time() - t0) / max(len(records), 1)
-            for rec in records:
-                st = stats.get(rec.name, {})       # empty for a replaced submodule that is no Linear
-                rec.info.update(few.get(rec.name, {}))
-                _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("error_hessian"),
-                         originals.get(rec.name), st.get("tokens", 0), seconds, result, block, f"{prefix}.{i}",
-                         st.get("excluded_tokens", 0))
-            phases["methods"] += time.time() - t0
-            del hess, units, ctx
-            return fp_outs
+            self.apply_block(b, method, seen, stats, few)
+        else:
+            self.apply_each(b, method, seen, stats, few, hess, units)
+
+    def apply_block(self, b: _Block, method: Method, seen: dict, stats: dict, few: dict) -> None:
+        """A block-scope method (PTQ1.61, Quamba) on the whole block at once."""
+        t0 = time.time()
+        # Every rank runs the method on the whole calibration set: its observers and training steps walk the
+        # samples in order (Quamba's percentile EMA, PTQ1.61's one-sample steps), which no sum of per-rank parts
+        # reproduces, and a rank-0-only run would leave the others without its new submodules. sync_module
+        # then makes rank 0's result everyone's.
+        whole = [None if s is None else self.group.gather_lists(s) for s in (self.inputs, self.fp_inputs, b.fp_next)]
+        prefix = f"{self.prefix}.{b.index}"
+        ctx = BlockContext(b.module, prefix, b.index, seen, stats, *whole, self.device, self.compute_dtype,
+                           self.progress)
+        weights = {n: m.weight.data.float().clone() for n, m in seen.items()}
+        records = method.apply_block(ctx)
+        seconds = (time.time() - t0) / max(len(records), 1)
+        for rec in records:
+            st = stats.get(rec.name, {})       # empty for a replaced submodule that is no Linear
+            rec.info.update(few.get(rec.name, {}))
+            _install(rec, seen.get(rec.name), weights.get(rec.name), st.get("error_hessian"),
+                     b.originals.get(rec.name), st.get("tokens", 0), seconds, self.result, b.module, prefix,
+                     st.get("excluded_tokens", 0))
+        self.phases["methods"] += time.time() - t0
+
+    def apply_each(self, b: _Block, method: Method, seen: dict, stats: dict, few: dict, hess: Statistics,
+                   units: UnitInputs) -> None:
+        """The method Linear by Linear; over several ranks each solves its share and sends the records to all."""
+        group = self.group
         # AdaDim scores a Linear with its earlier siblings compressed, so "unit" stages solve in order on every rank
         solver = _solvers(seen, hess, group) if group.size > 1 and "unit" not in method.needs else None
         done = {}
@@ -511,109 +477,18 @@ def run_blocks(blocks: nn.ModuleList, prefix: str, inputs: list, stages: list[Me
             W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
             st = stats[name]
             if "unit" in method.needs:
-                st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], device)
+                st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], self.device)
             rec = method.apply(name, W, st)
             rec.info.update(few.get(name, {}))
             if solver is None:
-                _install(rec, mod, W, st["error_hessian"], originals.get(name), st["tokens"], time.time() - t0,
-                         result, excluded=st["excluded_tokens"])
+                _install(rec, mod, W, st["error_hessian"], b.originals.get(name), st["tokens"], time.time() - t0,
+                         self.result, excluded=st["excluded_tokens"])
             else:
                 done[name] = (_moved(rec, "cpu"), time.time() - t0)
-            phases["methods"] += time.time() - t0
+            self.phases["methods"] += time.time() - t0
         if solver is not None:
             for name, mod in seen.items():          # each record from the rank that solved it to all, in order
                 rec, seconds = group.broadcast(done.get(name), src=solver[name])
                 st = stats[name]
-                _install(_moved(rec, device), mod, mod.weight.data.float().clone(), st["error_hessian"],
-                         originals.get(name), st["tokens"], seconds, result, excluded=st["excluded_tokens"])
-        del hess, units
-        return fp_outs
-
-    # The full-precision path, for methods that train towards the original model's outputs (PTQ1.61).
-    fp_inputs = [(h, kw) for h, kw in inputs] if any("fp_path" in s.needs for s in stages) else None
-    # A copy of each block's weights only for the stages that read them (it doubles the block's memory).
-    keep_originals = any("original_weight" in s.needs or s.calibrate_on != "current" or s.adapters for s in stages)
-
-    for i, block in enumerate(blocks):
-        t_block = time.time()
-        if progress:
-            progress({"event": "block_start", "index": i, "total": len(blocks),
-                      "methods": [s.name for s in stages], "elapsed": t_block - t_start})
-        if onload:
-            onload(i, block)
-        if store is not None and i < store.done:       # finished by an earlier, interrupted run
-            store.restore(i, block, f"{prefix}.{i}", result)
-            if i == store.done - 1:
-                store.resume_streams(inputs, stage_inputs, fp_inputs)
-            if offload:
-                offload(i, block, result)
-            if progress:
-                progress({"event": "block_end", "index": i, "total": len(blocks), "tokens": n_tokens,
-                          "seconds": result.block_seconds[-1], "elapsed": time.time() - t_start, "restored": True})
-            continue
-        group.block_started(i)
-        before = _counts(result)
-        rest = rest_dtype or next(block.parameters()).dtype
-        block.to(device, compute_dtype)
-        moe_stack = ExitStack()
-        routed = moe_stack.enter_context(unfused(block, f"{prefix}.{i}", moe))
-        result.skipped += [{"name": n, "reason": f"fused experts left in full precision: {r}"}
-                           for n, r in routed.left.items()]
-        linears = find_linears(block, f"{prefix}.{i}")
-        listed, routers = list_experts(block, f"{prefix}.{i}")
-        experts = set(routed.experts) | listed
-        # one block's weights before any stage: what "original_weight" and the adapters' errors refer to
-        originals = {n: m.weight.data.float().clone() for n, m in linears.items()} if keep_originals else {}
-        fp_outs = None
-        fp_next = None
-        if fp_inputs is not None:
-            t0 = time.perf_counter()
-            fp_next = [block_output(block(h.to(device), **to_device(kw, device))).cpu() for h, kw in fp_inputs]
-            phases["propagate"] += time.perf_counter() - t0
-        for k, method in enumerate(stages):
-            targets = stage_targets(linears, method.config, routers)
-            if method.adapters or method.scope == "block":
-                targets = _without_fused(targets, routed.experts, method, result)
-            if not targets:
-                continue
-            if method.data_free:
-                if propagate == "fp" and fp_outs is None and inputs:      # the FP outputs, before compression
-                    t0 = time.perf_counter()
-                    fp_outs = forward(block, inputs, keep=True)
-                    phases["propagate"] += time.perf_counter() - t0
-                for name, mod in targets.items():       # from the weights alone; no error measured
-                    t0 = time.time()
-                    W = mod.weight.data.float().clone()
-                    rec = method.apply(name, W, {"scale_dtype": scale_dtype, "original_weight": originals.get(name)})
-                    _install(rec, mod, W, None, originals.get(name), 0, time.time() - t0, result)
-                    phases["methods"] += time.time() - t0
-                continue
-            # experts_per_pass: the Hessians of a few experts at a time, one calibration forward each
-            for part in expert_passes(targets, routed.experts, moe.experts_per_pass if moe else None):
-                fp_outs = calibrate(block, i, k, method, part, linears, originals, routed, experts, fp_next,
-                                    fp_outs)
-        del originals
-        moe_stack.close()           # the fused parameters hold every expert's result already
-        group.sync_module(block)
-        # Propagate: the next block sees this block's outputs with compressed weights (or the FP ones).
-        t0 = time.perf_counter()
-        if propagate == "fp" and fp_outs is not None:
-            for j, out in enumerate(fp_outs):
-                inputs[j] = (out, inputs[j][1])
-        else:
-            advance(block, i, inputs)
-        for stream in stage_inputs.values():        # a stage's own data goes through the same compressed block
-            advance(block, i, stream)
-        phases["propagate"] += time.perf_counter() - t0
-        if fp_inputs is not None:
-            fp_inputs = [(h, kw) for h, (_, kw) in zip(fp_next, fp_inputs, strict=True)]
-        block.to("cpu", rest)
-        if store is not None:
-            store.save(i, block, _since(result, before, time.time() - t_block), inputs, stage_inputs, fp_inputs)
-        if offload:
-            offload(i, block, result)
-        result.block_seconds.append(time.time() - t_block)
-        if progress:
-            progress({"event": "block_end", "index": i, "total": len(blocks), "tokens": n_tokens,
-                      "seconds": result.block_seconds[-1], "elapsed": time.time() - t_start})
-    return result
+                _install(_moved(rec, self.device), mod, mod.weight.data.float().clone(), st["error_hessian"],
+                         b.originals.get(name), st["tokens"], seconds, self.result, excluded=st["excluded_tokens"])

@@ -18,7 +18,7 @@ from torch import nn
 
 import calq
 from calq.calibration.distributed import FAIL_ENV, Solo
-from calq.calibration.engine import _Hessians
+from calq.calibration.statistics import Statistics
 from calq.recipe.schema import validate_recipe
 
 # 4 batches of 2 windows: each of the 2 ranks takes 2
@@ -62,7 +62,7 @@ def test_solves_go_to_the_least_loaded_rank():
 def _statistics(batches: list[torch.Tensor], group=None) -> dict:
     lin = nn.Linear(16, 8, bias=False)
     kw = {} if group is None else {"group": group}
-    with _Hessians({"l": lin}, sample_covariance=True, massive_ratio=1000.0, **kw) as hess, torch.no_grad():
+    with Statistics({"l": lin}, sample_covariance=True, massive_ratio=1000.0, **kw) as hess, torch.no_grad():
         for x in batches:
             lin(x)
     H_all, n_all = hess.of("l", robust=False)

@@ -402,17 +402,17 @@ def test_experts_per_pass_holds_a_few_hessians_at_a_time(tmp_path, tokenizer):
     path = _save("olmoe", tmp_path, tokenizer)
     model, tok, dtype = calq.api.load_model(str(path))
     seen = []
-    real = calq.calibration.engine._Hessians.__init__
+    real = calq.calibration.statistics.Statistics.__init__
 
     def spy(self, targets, *a, **kw):
         seen.append(sum(".experts." in n for n in targets))
         real(self, targets, *a, **kw)
 
-    calq.calibration.engine._Hessians.__init__ = spy
+    calq.calibration.statistics.Statistics.__init__ = spy
     try:
         recipe = validate_recipe({"model": str(path), **RECIPE, "moe": {"experts_per_pass": 3}})
         result = compress_model(model, tok, recipe, torch.device("cpu"), dtype)
     finally:
-        calq.calibration.engine._Hessians.__init__ = real
+        calq.calibration.statistics.Statistics.__init__ = real
     assert seen == [0, 9, 9, 6] * 2                     # per block: attention, then 3 + 3 + 2 experts
     assert len([m for m in result.modules if ".experts." in m.record.name]) == 2 * 8 * 3

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from calq.calibration.engine import _Hessians
+from calq.calibration.statistics import Statistics
 from calq.methods.gptq import accumulate_hessian, gptq_quantize
 from calq.methods.quantizer import QuantArgs, quantize_rtn
 
@@ -22,7 +22,7 @@ def _inputs(seed=0, sink=1e3):
 
 def _run(X, ratio):
     lin = nn.Linear(16, 8, bias=False)
-    with _Hessians({"l": lin}, massive_ratio=ratio) as hess, torch.no_grad():
+    with Statistics({"l": lin}, massive_ratio=ratio) as hess, torch.no_grad():
         for x in X.split(1):            # two batches
             lin(x)
     return hess
