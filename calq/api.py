@@ -270,8 +270,6 @@ def _compress(recipe: Recipe, output: Path, dev, group: Solo, t0: float, *, eval
     cache_stages = [s for s in recipe.stages if METHODS[s.method].scope == "cache"]
     mode = _offload_mode(offload, model_path, recipe, bool(cache_stages))
     weights_recipe = recipe.model_copy(update={"stages": [s for s in recipe.stages if s not in cache_stages]})
-    if resume:
-        _check_resumable(weights_recipe)
     phase = _Phases(emit)
     folder = staged(output, overwrite, resumable=resume) if lead else nullcontext()
     with _kept_on_interrupt(output, resume), folder as tmp:
@@ -327,13 +325,6 @@ def _kept_on_interrupt(output: Path, resume: bool):
         if resume and partial_folder(output).is_dir():
             e.kept = str(partial_folder(output))
         raise
-
-
-def _check_resumable(recipe: Recipe) -> None:
-    for i, stage in enumerate(recipe.stages):
-        if not METHODS[stage.method].resumable:
-            raise CalqError(f"stages[{i}].method: {stage.method} replaces whole modules, which --resume cannot "
-                            "save yet", "run it without --resume")
 
 
 def _block_store(tmp: Path, recipe: Recipe, model_path: Path, mode: str, dev, ranks: int = 1):

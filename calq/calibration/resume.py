@@ -127,15 +127,21 @@ class BlockStore:
     def restore(self, i: int, block, prefix: str, result) -> None:
         """Put block i back as it rested after compression, and its entries into the engine's result."""
         from calq.calibration.engine import AdapterResult, ModuleResult
+        from calq.methods import METHODS
 
         tensors = load_file(str(self.folder / f"block-{i:04d}.safetensors"))
         meta = json.loads((self.folder / f"block-{i:04d}.json").read_text())
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
+        records = {name: [_record(m["record"], f"{name}.{j}", tensors) for j, m in enumerate(meta[name])]
+                   for name in ("modules", "replaced")}
+        for rec in records["modules"]:
+            if isinstance(rec, Packed) and rec.replaces is None:     # a whole submodule in calq's format (Quamba)
+                METHODS[rec.method].rebuild(block, rec.name[len(prefix) + 1:], rec.tensors, rec.meta)
         block.load_state_dict(state, strict=True)
         for name in ("modules", "replaced"):
             getattr(result, name).extend(
-                ModuleResult(_record(m["record"], f"{name}.{j}", tensors), m["rel_error"], m["seconds"], m["tokens"],
-                             m["excluded_tokens"]) for j, m in enumerate(meta[name]))
+                ModuleResult(rec, m["rel_error"], m["seconds"], m["tokens"], m["excluded_tokens"])
+                for rec, m in zip(records[name], meta[name], strict=True))
         for j, a in enumerate(meta["adapters"]):
             rec = _record(a["record"], f"adapters.{j}", tensors)
             attach_adapter(block.get_submodule(rec.name[len(prefix) + 1:]), rec.A, rec.B)

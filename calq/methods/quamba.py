@@ -28,7 +28,6 @@ class QuambaConfig(StageConfig):
 class Quamba(Method):
     Config = QuambaConfig
     scope = "block"
-    resumable = False
 
     def apply_block(self, ctx):
         cfg = self.config

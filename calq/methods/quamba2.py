@@ -50,7 +50,6 @@ class Quamba2Config(StageConfig):
 class Quamba2(Method):
     Config = Quamba2Config
     scope = "block"
-    resumable = False
 
     def check_shape(self, shape):
         # 4-bit weights come in groups along the input dim; a width narrower than a group is one group per row

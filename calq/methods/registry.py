@@ -141,9 +141,6 @@ class Method:
     effect: str = "quantize"
     # Its records are Adapters (EoRA, CorDA): fused MoE experts, which a PEFT adapter cannot wrap, are left out.
     adapters: bool = False
-    # --resume saves each finished block's state dict and records; a method that swaps in whole new submodules
-    # (Quamba's mixers) would need their structure saved too, which it does not do yet.
-    resumable: bool = True
     Config: type[StageConfig] = StageConfig
     needs: tuple[str, ...] = ()
 

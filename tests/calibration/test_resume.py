@@ -99,11 +99,17 @@ def test_a_different_recipe_does_not_resume_the_partial_run(tmp_path):
     assert (tmp_path / ".out.partial" / "resume" / "block-0000.json").is_file()     # kept for the right recipe
 
 
-def test_quamba_is_refused_with_resume(tmp_path):
-    recipe = validate_recipe({"model": "zoo:mamba", "calibration": CALIB, "stages": [{"method": "quamba"}]})
-    with pytest.raises(CalqError, match=r"stages\[0\].method: quamba replaces whole modules"):
-        calq.compress(recipe, tmp_path / "out", evaluate=False, device="cpu", resume=True)
-    assert not any(tmp_path.iterdir())
+@pytest.mark.parametrize("model, stage", [
+    ("zoo:mamba", {"method": "quamba"}),
+    ("zoo:mamba2", {"method": "quamba2", "precision": "w4a8", "lm_head": "w4a8", "embedding_bits": 4}),
+], ids=["quamba", "quamba2"])
+def test_quamba_mixers_resume_byte_identical(model, stage, tmp_path):
+    """Their blocks hold new mixer modules: a resumed run rebuilds them from the saved record before loading."""
+    recipe = validate_recipe({"model": model, "calibration": CALIB, "stages": [stage]})
+    calq.compress(recipe, tmp_path / "full", evaluate=False, device="cpu")
+    report = interrupted_then_resumed(recipe, tmp_path / "res", 0)
+    assert report.resumed_blocks == 1
+    assert digest(tmp_path / "res") == digest(tmp_path / "full")
 
 
 def _cli(recipe: Path, out: Path) -> subprocess.Popen:
