@@ -71,15 +71,20 @@ def main():
             tensors = _tensors(out)
             first = first or (n, tensors)
             rows.append((n, threads, timings["compress"], wall, _differing(first[1], tensors),
-                         sum(v.numel() for v in tensors.values())))
+                         sum(v.numel() for v in tensors.values()), timings["phases"]))
     base = rows[0][2]
     threads = f"{args.threads_per_rank} threads per rank" if args.threads_per_rank else f"{args.threads} threads"
     print(f"{args.model}, GPTQ W4 g{args.group_size}, {args.num_samples}×{args.seq_len} calibration "
           f"(batches of {args.batch_size}), {threads} on {os.cpu_count()} cores, torch {torch.__version__}\n")
-    print(f"| ranks | threads/rank | compress s | wall s | vs first row | elements ≠ ranks={rows[0][0]} |")
-    print("|---|---|---|---|---|---|")
-    for n, threads, comp, wall, diff, total in rows:
-        print(f"| {n} | {threads} | {comp:.1f} | {wall:.1f} | {base / comp:.2f}× | {diff} of {total} |")
+    # rank 0's phases: forwards and Hessians shrink with its share of the batches, solves with its share of the
+    # Linears; what is left of them is the reduction, the broadcasts and waiting for the slowest rank
+    print(f"| ranks | threads/rank | compress s | wall s | vs first row | forward s | Hessians s | solves s | "
+          f"propagate s | elements ≠ ranks={rows[0][0]} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, threads, comp, wall, diff, total, ph in rows:
+        print(f"| {n} | {threads} | {comp:.1f} | {wall:.1f} | {base / comp:.2f}× | "
+              f"{ph['stats_forward'] - ph['stats_accumulate']:.1f} | {ph['stats_accumulate']:.1f} | "
+              f"{ph['methods']:.1f} | {ph['propagate']:.1f} | {diff} of {total} |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 
 import torch
 from rich.console import Console
@@ -34,6 +35,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                     help="measure this machine's GEMM and Cholesky speed and print the floor they allow")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler's top operators by self CPU time")
     args = ap.parse_args()
 
     from transformers import LlamaConfig
@@ -52,9 +54,13 @@ def main():
     stages = [METHODS["gptq"](recipe.stages[0])]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else nullcontext()
     t0 = time.perf_counter()
-    result = run_blocks(blocks, "model.layers", inputs, stages, dev, torch.float16)
+    with prof:
+        result = run_blocks(blocks, "model.layers", inputs, stages, dev, torch.float16)
     total = time.perf_counter() - t0
+    if args.profile:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
     print_phases(f"GPTQ W{args.bits} g{args.group_size}, one block hidden {args.hidden} / intermediate "
                  f"{args.intermediate}, {n_batches * args.seq_len} tokens, {dev}, {torch.get_num_threads()} threads",
