@@ -81,14 +81,17 @@ def _weights(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor] | N
 
 
 def _install(rec, mod: nn.Module, W, H, W0, n: int, seconds: float, result: EngineResult,
-             block: nn.Module | None = None, block_prefix: str = "", excluded: int = 0) -> None:
+             block: nn.Module | None = None, block_prefix: str = "", excluded: int = 0,
+             energy: tuple[float | None, float | None] = (None, None)) -> None:
     """Put a method's result into the model and the run's records. W: the weight the method saw; W0: the
-    weight before any stage. Dense tensors are dropped from records once the model holds them."""
+    weight before any stage; energy: tr(W H Wᵀ) and tr(W0 H W0ᵀ) where the calibration forward measured them.
+    Dense tensors are dropped from records once the model holds them."""
     if isinstance(rec, Adapter):
         base = W if rec.W_base is None else rec.W_base
         mod.weight.data.copy_(base.to(mod.weight.dtype))
         attach_adapter(mod, rec.A, rec.B)
-        result.adapters.append(AdapterResult(rec, _rel_error(W0, base, H), _rel_error(W0, base + rec.B @ rec.A, H)))
+        result.adapters.append(AdapterResult(rec, _rel_error(W0, base, H, den=energy[1]),
+                                             _rel_error(W0, base + rec.B @ rec.A, H, den=energy[1])))
         rec.W_base = None
     elif isinstance(rec, Replaced):
         mod.weight.data.copy_(rec.W_new.to(mod.weight.dtype))
@@ -105,7 +108,8 @@ def _install(rec, mod: nn.Module, W, H, W0, n: int, seconds: float, result: Engi
         rec.W_hat, rec.module = None, None
     else:
         mod.weight.data.copy_(rec.W_hat.to(mod.weight.dtype))
-        result.modules.append(ModuleResult(rec, _rel_error(W, rec.W_hat, H), seconds, n, excluded))
+        err = _rel_error(W, rec.W_hat, H, rec.error_trace, energy[0])
+        result.modules.append(ModuleResult(rec, err, seconds, n, excluded))
         rec.W_hat = None        # export needs only codes and scales
 
 
@@ -172,6 +176,13 @@ def _solvers(seen: dict[str, nn.Linear], hess: Statistics, group: Solo) -> dict[
     return {n: r for part, r in zip(parts, group.assign(costs), strict=True) for n in part}
 
 
+def _energies(method: Method, st: dict) -> tuple[float | None, float | None]:
+    """tr(W H Wᵀ) of the weights the calibration forward ran with: the current ones, or the originals for stages
+    calibrated on them (EoRA, PTQ1.61)."""
+    e = st.get("output_energy")
+    return (e, None) if method.calibrate_on == "current" else (None, e)
+
+
 def _moved(rec, device):
     """The record with its tensor fields on device (to send it to other ranks, and to place it there)."""
     return replace(rec, **{f.name: getattr(rec, f.name).to(device) for f in fields(rec)
@@ -211,14 +222,19 @@ class PrepareContext:
     progress: Callable[[dict], None] | None = None
 
 
-def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None) -> float | None:
-    # ||X ΔWᵀ||² = (N/2)·tr(ΔW H ΔWᵀ) with H = 2/N XᵀX; the N/2 cancels in the ratio. No H: not measured.
+def _rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None, num: float | None = None,
+               den: float | None = None) -> float | None:
+    """‖X ΔWᵀ‖ / ‖X Wᵀ‖ = √(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) (H = 2/N XᵀX; the N/2 cancels). No H: not measured.
+    num, den: those traces where the solve or the calibration forward already has them; each costs an OC·IC²
+    GEMM to compute, as much as GPTQ's own solve."""
     if H is None:
         return None
-    dW = W - W_hat
-    num = ((dW @ H) * dW).sum()
-    den = ((W @ H) * W).sum()
-    return float((num / den.clamp_min(1e-30)).clamp_min(0).sqrt())
+    if num is None:
+        dW = W - W_hat
+        num = float(((dW @ H) * dW).sum())
+    if den is None:
+        den = float(((W @ H) * W).sum())
+    return max(num, 0.0) ** 0.5 / max(den, 1e-30) ** 0.5
 
 
 @torch.no_grad()
@@ -433,7 +449,8 @@ class _Loop:
                            "hessian_diag_all": hess.diag_all(name), "error_hessian": hess.of(name)[0],
                            "input_absmean": hess.absmean_of(name), "input_absmax": hess.absmax_of(name),
                            "original_weight": b.originals.get(name), "sample_covariance": hess.covariance_of(name),
-                           "input_owner": hess.owner[name], "excluded_tokens": hess.excluded_of(name)}
+                           "input_owner": hess.owner[name], "excluded_tokens": hess.excluded_of(name),
+                           "output_energy": hess.energy_of(name)}
         few = few_token_hessians(stats, b.experts, self.moe) if self.moe else {}
         _fallbacks(unreached, method, self.scale_dtype, b.originals, self.result, self.phases)
         if method.scope == "block":
@@ -480,9 +497,11 @@ class _Loop:
                 st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], self.device)
             rec = method.apply(name, W, st)
             rec.info.update(few.get(name, {}))
+            if getattr(rec, "error_trace", None) is not None and st["hessian"] is not st["error_hessian"]:
+                rec.error_trace = None          # solved on another H (held-out massive tokens, extra damping)
             if solver is None:
                 _install(rec, mod, W, st["error_hessian"], b.originals.get(name), st["tokens"], time.time() - t0,
-                         self.result, excluded=st["excluded_tokens"])
+                         self.result, excluded=st["excluded_tokens"], energy=_energies(method, st))
             else:
                 done[name] = (_moved(rec, "cpu"), time.time() - t0)
             self.phases["methods"] += time.time() - t0
@@ -491,4 +510,5 @@ class _Loop:
                 rec, seconds = group.broadcast(done.get(name), src=solver[name])
                 st = stats[name]
                 _install(_moved(rec, self.device), mod, mod.weight.data.float().clone(), st["error_hessian"],
-                         b.originals.get(name), st["tokens"], seconds, self.result, excluded=st["excluded_tokens"])
+                         b.originals.get(name), st["tokens"], seconds, self.result, excluded=st["excluded_tokens"],
+                         energy=_energies(method, st))

@@ -44,13 +44,16 @@ class Statistics:
         self.absmax: dict[str, torch.Tensor] = {}
         self.n: dict[str, int] = {}                      # ordinary tokens
         self.n_all: dict[str, int] = {}
+        self.energy: dict[str, torch.Tensor] = {}        # Σ ‖W x‖² per target over the ordinary tokens, fp64
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._mask: dict[str, torch.Tensor | None] = {}  # the current batch's massive tokens, per owner
         self._handles = []
         self.seconds = 0.0
 
     def __enter__(self):
         for name, mod in self.targets.items():
             self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+            self._handles.append(mod.register_forward_hook(self._out_hook(name)))
         return self
 
     def _massive(self, X: torch.Tensor) -> torch.Tensor | None:
@@ -85,6 +88,7 @@ class Statistics:
             self.abssum[name] = a if name not in self.abssum else self.abssum[name].add_(a)
             self.n_all[name] = self.n_all.get(name, 0) + X.shape[0]
             big = self._massive(X)
+            self._mask[name] = big
             if big is not None:
                 self.massive.setdefault(name, []).append(X[big])
                 X = X[~big]
@@ -92,6 +96,25 @@ class Statistics:
                 self.S[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
             self.S[name].add_(X.t() @ X)            # the GEMM in fp32, the running sum in fp64
             self.n[name] = self.n.get(name, 0) + X.shape[0]
+            self.seconds += time.perf_counter() - t0
+        return hook
+
+    def _out_hook(self, name):
+        """Σ ‖W x‖² over the ordinary tokens from the Linear's own output: tr(W H Wᵀ) (the denominator of the
+        relative error) without the OC·IC² GEMM it costs from H."""
+        def hook(mod, _args, out):
+            owner = self.owner.get(name)
+            if owner is None or not isinstance(out, torch.Tensor) or hasattr(mod, "calq_lora_A"):
+                return          # an adapter's hook has added its path to `out` already
+            t0 = time.perf_counter()
+            Y = out.detach().reshape(-1, out.shape[-1]).float()
+            if getattr(mod, "bias", None) is not None:
+                Y = Y - mod.bias.detach().float()
+            big = self._mask.get(owner)
+            if big is not None:
+                Y = Y[~big]
+            e = (Y * Y).sum(dtype=torch.float64)
+            self.energy[name] = e if name not in self.energy else self.energy[name].add_(e)
             self.seconds += time.perf_counter() - t0
         return hook
 
@@ -122,8 +145,12 @@ class Statistics:
             maxes.append(self.absmax[o])
             if self.want_cov:
                 sums.append(self.cov.setdefault(o, torch.zeros(IC, IC, dtype=torch.float64, device=dev)))
+        names = sorted(self.owner)
+        energy = torch.stack([self.energy.get(n, torch.zeros((), dtype=torch.float64)).cpu() for n in names])
+        sums.append(energy)
         self.group.sum_(sums)
         self.group.max_(maxes)
+        self.energy = dict(zip(names, energy, strict=True))
         for o, (n, n_all, samples) in zip(owners, counts.tolist(), strict=True):
             self.n[o], self.n_all[o] = n, n_all
             if self.want_cov:
@@ -142,6 +169,13 @@ class Statistics:
         for o, c in self.cov.items():
             self.cov[o] = (c / self.samples[o]).float()
         self.S, self.abssum = {}, {}
+        # as H: 2/n, in fp32 (the last bits of an fp64 sum could depend on how batches were split between ranks)
+        self.energy = {k: float(torch.tensor(float(e) * 2.0 / max(self.n[self.owner[k]], 1), dtype=torch.float32))
+                       for k, e in self.energy.items()}
+
+    def energy_of(self, name: str) -> float | None:
+        """tr(W H Wᵀ) for the weights the Linear ran with during calibration (robust H), from its outputs."""
+        return self.energy.get(name)
 
     def excluded_of(self, name: str) -> int:
         return sum(x.shape[0] for x in self.massive.get(self.owner[name], []))

@@ -24,6 +24,7 @@ class Compressed:
     W_hat: torch.Tensor | None      # fp32 [OC, IC] dequantized weight; the engine puts it into the model, then drops it
     loss: float | None = None       # method's own objective (GPTQ: sum of squared weighted error)
     info: dict = field(default_factory=dict)  # method notes for the report (damping used, fallback, ...)
+    error_trace: float | None = None  # tr(ΔW H ΔWᵀ) for the H it solved on, if the method knows it (GPTQ)
 
 
 @dataclass

@@ -33,6 +33,7 @@ class GPTQResult:
     loss: float                     # Σ (w - q)² / d² / 2 over all columns (paper's Losses); nan on fallback
     damp: float                     # dampening fraction finally used
     fallback: bool                  # True if every Cholesky failed and the layer was rounded with RTN
+    error_trace: float | None = None    # tr(ΔW H ΔWᵀ) against the undamped H, from the solve's own losses
 
 
 def accumulate_hessian(H: torch.Tensor | None, X: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
@@ -57,6 +58,7 @@ class Factor:
     perm: torch.Tensor              # column order of the solve (act-order), [IC]
     U: torch.Tensor | None          # upper Cholesky factor of the damped, permuted H⁻¹; None: no factor, use RTN
     damp: float                     # dampening fraction finally used
+    lam: float = 0.0                # what it added to the diagonal: damp · mean diag H
 
 
 def factor_hessian(H: torch.Tensor, dampening_frac: float = 0.01, actorder: bool = False, max_damp_tries: int = 5,
@@ -74,7 +76,7 @@ def factor_hessian(H: torch.Tensor, dampening_frac: float = 0.01, actorder: bool
     else:
         perm = torch.arange(H.shape[0], device=H.device)
     U, damp = inverse_cholesky(H, dampening_frac, max_damp_tries)
-    return Factor(dead, perm, U, damp)
+    return Factor(dead, perm, U, damp, damp * torch.diag(H).mean().item())
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, args: QuantArgs, block_size: int = 128,
@@ -142,8 +144,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, args: QuantArgs, bloc
     W_hat = Qt[inv].t().contiguous()
     if not torch.isfinite(W_hat).all():
         return _rtn_fallback(W_orig, args, damp)
-    return GPTQResult(codes_t[inv].t().to(torch.int8).contiguous(), scale, zero, W_hat, losses.sum().item(), damp,
-                      False)
+    # The losses sum to tr(ΔW (H + λI) ΔWᵀ)/2 (OBS; exact up to rounding): the error against H itself is then
+    # 2·Σ losses − λ‖ΔW‖², an O(OC·IC) step instead of the OC·IC² GEMM that recomputing it costs. Dead columns
+    # add nothing: their W is 0 in the solve and their row of H is 0.
+    loss = losses.sum().item()
+    trace = 2 * loss - factor.lam * (W - W_hat).pow(2).sum().item()
+    return GPTQResult(codes_t[inv].t().to(torch.int8).contiguous(), scale, zero, W_hat, loss, damp, False,
+                      max(trace, 0.0))
 
 
 def _column_qparams(W1, i, c, scale, zero, g, args, static):
@@ -241,4 +248,4 @@ class GPTQ(WeightQuantMethod):
         r = gptq_quantize(W, H, args, cfg.block_size, cfg.dampening_frac, cfg.actorder, factor=self._factor[1])
         info.update(damp=r.damp, fallback_rtn=r.fallback)
         return Compressed(name, "gptq", cfg.bits, args.layout, cfg.group_size, cfg.symmetric, r.codes, r.scale,
-                          r.zero, r.W_hat, loss=None if r.fallback else r.loss, info=info)
+                          r.zero, r.W_hat, loss=None if r.fallback else r.loss, info=info, error_trace=r.error_trace)

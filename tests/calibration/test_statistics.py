@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from calq.calibration.adapters import attach_adapter
 from calq.calibration.statistics import Statistics
 from calq.methods.gptq import accumulate_hessian, gptq_quantize
 from calq.methods.quantizer import QuantArgs, quantize_rtn
@@ -45,6 +46,25 @@ def test_massive_tokens_are_held_apart_exactly():
     # importance statistics count every token
     assert hess.absmax_of("l")[3] == 1e3
     assert torch.allclose(hess.absmean_of("l"), flat.abs().mean(0), rtol=1e-5)
+
+
+def test_output_energy_is_the_trace_of_w_h_w():
+    """tr(W H Wᵀ) from the Linears' outputs (bias removed, massive tokens left out like H) for two Linears that
+    share the input; none for a Linear whose adapter changes its output."""
+    torch.manual_seed(1)
+    X = _inputs()
+    a, b = nn.Linear(16, 8), nn.Linear(16, 4, bias=False)
+    with Statistics({"a": a, "b": b}, massive_ratio=1000.0) as hess, torch.no_grad():
+        for x in X.split(1):
+            a(x), b(x)
+    H, _ = hess.of("a")
+    for name, lin in (("a", a), ("b", b)):
+        W = lin.weight.double()
+        assert hess.energy_of(name) == pytest.approx((W @ H.double() * W).sum().item(), rel=1e-5)
+    attach_adapter(b, torch.randn(2, 16), torch.randn(4, 2))
+    with Statistics({"b": b}) as hess, torch.no_grad():
+        b(X)
+    assert hess.energy_of("b") is None
 
 
 def test_no_ratio_or_no_massive_token_changes_nothing():
@@ -92,3 +112,29 @@ def test_ratio_must_exceed_one(ratio):
 
     with pytest.raises(RecipeError, match="massive_token_ratio"):
         validate_recipe({"calibration": {"massive_token_ratio": ratio}, "stages": [{"method": "rtn"}]})
+
+
+def test_reported_errors_equal_the_recomputed_ones(monkeypatch):
+    """The engine takes GPTQ's error from its solve and tr(W H Wᵀ) from the calibration forward; recomputing both
+    from H (the GEMMs they replace) gives the same relative errors, for GPTQ and for EoRA's before/after."""
+    import calq.calibration.engine as engine
+    from calq.api import compress_model, load_model
+    from calq.recipe.schema import validate_recipe
+
+    recipe = validate_recipe({"model": "zoo:llama", "calibration": {"num_samples": 4, "seq_len": 64},
+                              "stages": [{"method": "gptq", "bits": 3}, {"method": "eora", "rank": 4}]})
+
+    def run():
+        model, tok, dtype = load_model("zoo:llama")
+        return compress_model(model, tok, recipe, torch.device("cpu"), dtype)
+
+    fast = run()
+    gemm = engine._rel_error
+    monkeypatch.setattr(engine, "_rel_error", lambda W, W_hat, H, num=None, den=None: gemm(W, W_hat, H))
+    slow = run()
+    assert len(fast.modules) == len(slow.modules) > 0
+    for f, s in zip(fast.modules, slow.modules, strict=True):
+        assert f.rel_error == pytest.approx(s.rel_error, rel=1e-5)
+    for f, s in zip(fast.adapters, slow.adapters, strict=True):
+        assert (f.rel_error_before, f.rel_error_after) == pytest.approx((s.rel_error_before, s.rel_error_after),
+                                                                         rel=1e-5)

@@ -107,6 +107,23 @@ def test_w_hat_is_dequantized_codes_and_loss_identity(layout, group, symmetric, 
 
 
 @pytest.mark.parametrize("layout,group", LAYOUTS)
+@pytest.mark.parametrize("actorder", [False, True])
+@pytest.mark.parametrize("dead", [False, True])
+def test_error_trace_is_the_undamped_error(layout, group, actorder, dead):
+    """What the engine reports instead of recomputing tr(ΔW H ΔWᵀ): 2·Σ losses − λ‖ΔW‖², exact up to fp32 rounding,
+    with the original W on a dead column (H's row there is 0, so it adds nothing)."""
+    W, X = _correlated(seed=5)
+    if dead:
+        X[:, 7] = 0
+    H = _hessian(X)
+    res = gptq_quantize(W, H, _args(layout, group, bits=3), block_size=32, dampening_frac=0.05, actorder=actorder)
+    dW = (W - res.W_hat).double()
+    assert res.error_trace == pytest.approx((dW @ H.double() * dW).sum().item(), rel=1e-4)
+    H_damped = H + res.damp * torch.diag(H).mean() * torch.eye(IC)
+    assert (dW @ H_damped.double() * dW).sum().item() > 1.01 * res.error_trace      # the damping term is not zero
+
+
+@pytest.mark.parametrize("layout,group", LAYOUTS)
 def test_block_size_does_not_change_result(layout, group):
     W, X = _correlated(seed=4)
     H = _hessian(X)
