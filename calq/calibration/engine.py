@@ -494,7 +494,10 @@ class _Loop:
             W = mod.weight.data.float().clone()               # [OC, IC]; .float() is a no-op in fp32
             st = stats[name]
             if "unit" in method.needs:
-                st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["hessian"], self.device)
+                # o/down are scored with H: the robust one, else a handful of attention-sink tokens decide the
+                # layout (SmolLM2 layers 11 and 28: RTN-AdaDim took per-IC there, +6 % perplexity)
+                st["unit_errors"] = units.errors_fn(name, mod, hess.shares_input(name), st["error_hessian"],
+                                                     self.device)
             rec = method.apply(name, W, st)
             rec.info.update(few.get(name, {}))
             if getattr(rec, "error_trace", None) is not None and st["hessian"] is not st["error_hessian"]:
