@@ -3,8 +3,11 @@
 Each row is one `calq compress --no-eval` process (its seconds and peak RSS are that process's), calibrated on
 WikiText-2 valid (`../shared/data/wikitext-2/valid.txt`; stdlib:train where it is absent), and the checkpoint read
 back from disk is scored by this script on WikiText-2 raw test at 2048-token windows (the papers' protocol) and at
-512, and on stdlib:test (out of domain for a WikiText calibration). Results are cached per row under --work, so an
-interrupted run continues where it stopped. Prints a Markdown table (also written to WORK/table.md).
+512, and on stdlib:test (out of domain for a WikiText calibration), plus KL(dense ‖ row) per token on the first
+WikiText-2 512 windows: fidelity, which perplexity alone can hide (an error that shifts the model's confidence can
+lower perplexity on one text while moving every prediction). Results are cached per row under --work, so an
+interrupted run continues where it stopped; a cached row without KL gets it added. Prints a Markdown table (also
+written to WORK/table.md).
 
     python benchmarks/real_model.py                       # every row (hours on 2 cores)
     python benchmarks/real_model.py --rows dense gptq-w3g64 gptq-w3g64+eora16
@@ -71,10 +74,24 @@ def evaluate(target: str, args) -> dict:
     return out
 
 
+def kl_to_dense(target: str, args) -> dict:
+    """KL(dense ‖ target) per token, in nats, on the first WikiText-2 512 windows (stdlib:test without them)."""
+    from calq.api import evaluate as calq_evaluate
+
+    spec = str(WIKI) if WIKI.is_file() else "stdlib:test"
+    r = calq_evaluate(target, [spec], seq_len=512, max_windows=args.windows_kl, device=args.device, batch_size=4,
+                      reference=args.model)[0]
+    return {"kl": r["kl_to_reference"], "windows": r["windows"], "dataset": spec}
+
+
 def run_row(name: str, args, work: Path) -> dict:
     cached = work / f"{name}.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
+        res = json.loads(cached.read_text())
+        if "kl512" not in res and name != "dense":
+            res["kl512"] = kl_to_dense(str(work / name), args)
+            cached.write_text(json.dumps(res, indent=1))
+        return res
     calib = str(VALID) if VALID.is_file() else "stdlib:train"
     if name == "dense":
         t = time.time()
@@ -95,7 +112,8 @@ def run_row(name: str, args, work: Path) -> dict:
                "bits_per_weight_with_adapters": rep.get("bits_per_weight_with_adapters"),
                "checkpoint_bytes": rep["checkpoint_bytes"], "adapter_bytes": rep.get("adapter_bytes", 0),
                "seconds": rep["timings"]["compress"], "total_seconds": rep["timings"]["total"],
-               "peak_rss_bytes": rep["peak_rss_bytes"], "eval_seconds": time.time() - t,
+               "peak_rss_bytes": rep["peak_rss_bytes"], "kl512": kl_to_dense(str(out), args),
+               "eval_seconds": time.time() - t,
                "ic_layers": sum(m["layout"] == "ic" for m in rep["modules"]), "modules": len(rep["modules"]),
                "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": sorted(os.sched_getaffinity(0))}
     cached.write_text(json.dumps(res, indent=1))
@@ -107,7 +125,7 @@ def table(results: list[dict], args) -> str:
     names = {"wiki2048": f"WikiText-2 2048 ({args.windows_2048} w)",
              "wiki512": f"WikiText-2 512 ({args.windows_512} w)",
              "stdlib512": f"stdlib:test 512 ({args.windows_stdlib} w)"}
-    head = "| row | " + " | ".join(names[k] for k in keys) + \
+    head = "| row | " + " | ".join(names[k] for k in keys) + f" | KL to dense ({args.windows_kl} w of 512)" + \
         " | bits/weight (+adapters) | checkpoint MiB | compress s | peak RSS GiB |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     dense = next((r for r in results if r["name"] == "dense"), None)
@@ -117,6 +135,7 @@ def table(results: list[dict], args) -> str:
             p = r["ppl"][k]["ppl"]
             ratio = f" (×{p / dense['ppl'][k]['ppl']:.2f})" if dense and r is not dense else ""
             cells.append(f"{p:.2f}{ratio}")
+        cells.append(f"{r['kl512']['kl']:.3f}" if "kl512" in r else ("0" if r is dense else "-"))
         bpw = f"{r['bits_per_weight']:.3f}"
         if r.get("bits_per_weight_with_adapters") and r.get("adapter_bytes"):
             bpw += f" ({r['bits_per_weight_with_adapters']:.3f})"
@@ -137,6 +156,7 @@ def main():
     ap.add_argument("--windows-2048", type=int, default=8)
     ap.add_argument("--windows-512", type=int, default=16)
     ap.add_argument("--windows-stdlib", type=int, default=8)
+    ap.add_argument("--windows-kl", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default="runs/real")
     args = ap.parse_args()

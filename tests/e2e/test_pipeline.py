@@ -35,18 +35,21 @@ def eval_windows(tokenizer):
     return evaluation_windows(load_text("stdlib:test"), tokenizer, seq_len=512, max_windows=16)
 
 
-def _ppl_after(method: str, bits: int, windows) -> float:
+def _after(method: str, bits: int, windows, dense) -> tuple[float, float]:
     model, tok, dtype = load_model("zoo:llama")
     compress_model(model, tok, _recipe(method, bits), torch.device("cpu"), dtype)
-    return perplexity(model, windows)
+    return perplexity(model, windows), kl_to_reference(model, windows, dense)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_beats_rtn(bits, eval_windows):
+    # Fidelity is judged by KL to the dense model: on this near-Gaussian model W3 g128 GPTQ moves perplexity by
+    # less than the 16 windows resolve (77.86 vs dense 77.96 once the Hessians were summed in fp64), so "costs
+    # something" is asserted on KL, which cannot improve when errors cancel.
     dense, _, _ = load_model("zoo:llama")
     base = perplexity(dense, eval_windows)
-    rtn, gptq = _ppl_after("rtn", bits, eval_windows), _ppl_after("gptq", bits, eval_windows)
-    assert rtn > base and gptq > base                       # quantization costs something
+    (rtn, kl_rtn), (gptq, kl_gptq) = (_after(m, bits, eval_windows, dense) for m in ("rtn", "gptq"))
+    assert rtn > base and 0 < kl_gptq < kl_rtn, (kl_gptq, kl_rtn)
     assert gptq < rtn, f"W{bits}: gptq {gptq:.3f} vs rtn {rtn:.3f} (dense {base:.3f})"
 
 

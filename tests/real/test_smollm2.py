@@ -39,7 +39,7 @@ CALIB = {"dataset": str(VALID) if VALID.is_file() else "stdlib:train", "num_samp
 def windows():
     _, tok, _ = load_model("zoo:smollm2", with_tokenizer=True)
     spec = str(WIKITEXT_TEST) if WIKITEXT_TEST.is_file() else "stdlib:test"
-    return evaluation_windows(load_text(spec), tok, 512, 40)
+    return evaluation_windows(load_text(spec), tok, 512, 8)
 
 
 _cache: dict = {}
@@ -62,27 +62,29 @@ def _ppl(stages, windows) -> float:
 
 @pytest.fixture(scope="module")
 def dense_ppl(windows):
-    return perplexity(load_model("zoo:smollm2")[0], windows[:8], batch_size=4)
+    return perplexity(load_model("zoo:smollm2")[0], windows, batch_size=4)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_gptq_beats_rtn(bits, windows, dense_ppl):
-    rtn = _ppl([{"method": "rtn", "bits": bits, "group_size": 64}], windows[:8])
-    gptq = _ppl([{"method": "gptq", "bits": bits, "group_size": 64}], windows[:8])
+    rtn = _ppl([{"method": "rtn", "bits": bits, "group_size": 64}], windows)
+    gptq = _ppl([{"method": "gptq", "bits": bits, "group_size": 64}], windows)
     assert dense_ppl < gptq < rtn, (dense_ppl, gptq, rtn)
     # GPTQ removes a real share of RTN's loss on this model, not a rounding difference
     assert math.log(gptq / dense_ppl) < 0.8 * math.log(rtn / dense_ppl), (dense_ppl, gptq, rtn)
 
 
-def test_eora_beats_svd_beats_nothing_at_w3(windows):
-    # 40 windows: on the first 8 alone SVD and EoRA are 0.3% apart either way (56.80 vs 56.96, here and in CI); over 40
-    # EoRA is 3.8% below SVD (52.85 vs 54.96), and 3.6% worse (54.73) when its covariance keeps the attention
-    # sinks, which is why it solves on the robust statistics (docs/real-model.md)
-    base = {"method": "gptq", "bits": 3, "group_size": 64}
-    none = _ppl([base], windows)
-    svd = _ppl([base, {"method": "eora", "rank": 16, "basis": "svd"}], windows)
-    eora = _ppl([base, {"method": "eora", "rank": 16}], windows)
-    assert eora < svd < none, (eora, svd, none)
+def test_eora_beats_svd_on_rtn_and_both_repair_gptq_at_w3(windows):
+    # EoRA's edge over SVD is the Hessian information its base has not spent. RTN spent none: EoRA wins by a wide
+    # margin (70.5 vs 165.3 in docs/real-model.md). GPTQ spent most of it: the two land within a few percent and
+    # which one wins moves with the sample, the windows and rounding (on 40 windows 52.85 vs 54.96 before the
+    # Hessians were summed in fp64, 53.52 vs 53.15 after), so only their closeness and their repair are asserted.
+    gptq, rtn = ({"method": m, "bits": 3, "group_size": 64} for m in ("gptq", "rtn"))
+    svd, eora = {"method": "eora", "rank": 16, "basis": "svd"}, {"method": "eora", "rank": 16}
+    rtn_svd, rtn_eora = _ppl([rtn, svd], windows), _ppl([rtn, eora], windows)
+    assert rtn_eora < 0.7 * rtn_svd, (rtn_eora, rtn_svd)
+    none, g_svd, g_eora = (_ppl(s, windows) for s in ([gptq], [gptq, svd], [gptq, eora]))
+    assert max(g_svd, g_eora) < 0.9 * none and abs(math.log(g_eora / g_svd)) < 0.05, (g_eora, g_svd, none)
 
 
 def test_massive_tokens_are_left_out_where_they_occur():
