@@ -45,6 +45,9 @@ def _rows() -> dict[str, list[dict]]:
         for m in ("rtn", "gptq"):
             for lay in ("ic", "adadim"):
                 rows[f"{m}-w{b}g64-{lay}"] = [q(m, b, layout=lay)]
+    for m in ("rtn", "gptq"):           # the AdaDim paper's setting is asymmetric (zero points on)
+        rows[f"{m}-w3g64-asym"] = [q(m, 3, symmetric=False)]
+        rows[f"{m}-w3g64-adadim-asym"] = [q(m, 3, layout="adadim", symmetric=False)]
     for b in (3, 2):
         for r in (16, 32):
             for basis in ("svd", "eora"):
