@@ -123,6 +123,14 @@ def run_row(name: str, args, work: Path) -> dict:
     return res
 
 
+def fmt(x: float) -> str:
+    """2 decimals below 10⁴, else a·10ⁿ: W2 rows reach 10⁷."""
+    if x < 1e4:
+        return f"{x:.2f}"
+    e = len(str(int(x))) - 1
+    return f"{x / 10**e:.1f}·10{str(e).translate(str.maketrans('0123456789', '⁰¹²³⁴⁵⁶⁷⁸⁹'))}"
+
+
 def table(results: list[dict], args) -> str:
     keys = [k for k in ("wiki2048", "wiki512", "stdlib512") if k in results[0]["ppl"]]
     names = {"wiki2048": f"WikiText-2 2048 ({args.windows_2048} w)",
@@ -136,8 +144,8 @@ def table(results: list[dict], args) -> str:
         cells = []
         for k in keys:
             p = r["ppl"][k]["ppl"]
-            ratio = f" (×{p / dense['ppl'][k]['ppl']:.2f})" if dense and r is not dense else ""
-            cells.append(f"{p:.2f}{ratio}")
+            ratio = f" (×{fmt(p / dense['ppl'][k]['ppl'])})" if dense and r is not dense else ""
+            cells.append(f"{fmt(p)}{ratio}")
         cells.append(f"{r['kl512']['kl']:.3f}" if "kl512" in r else ("0" if r is dense else "-"))
         bpw = f"{r['bits_per_weight']:.3f}"
         if r.get("bits_per_weight_with_adapters") and r.get("adapter_bytes"):
